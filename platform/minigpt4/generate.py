@@ -324,6 +324,7 @@ class GenerationEngine:
             top_scores_l, src_l, tok_l = top_scores.tolist(), src_beam.tolist(), tok.tolist()
             seq_l = seqs.tolist()
             next_src, next_tok, next_score = [], [], []
+            last = t == p0.max_new_tokens - 1
             for r in range(b):
                 chosen = []
                 if not done[r]:
@@ -331,22 +332,25 @@ class GenerationEngine:
                         src = r * k + src_l[r][rank]
                         token, score = tok_l[r][rank], top_scores_l[r][rank]
                         ids = seq_l[src] + [token]
-                        ended = token == self.eos_id
-                        text_stop = False
-                        if not ended and p0.stop:
-                            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-                            text_stop = any(s in text for s in p0.stop)
-                        if ended or text_stop:
-                            if rank < k:  # only tokens ranked among the best num_beams may end a hypothesis
-                                # HF scores an EOS-ended hypothesis by its length without the EOS
-                                add_hyp(r, score, ids, len(ids) - 1 if ended else len(ids), "stop")
-                            continue
-                        chosen.append((src, token, score))
-                        if len(chosen) == k:
+                        ended = token == self.eos_id or (
+                            bool(p0.stop) and any(s in self.tokenizer.decode(ids, skip_special_tokens=True) for s in p0.stop))
+                        if ended or last:
+                            # only candidates ranked among the best num_beams may become hypotheses;
+                            # the score is normalised by the generated length, EOS included (as transformers 5)
+                            if rank < k:
+                                add_hyp(r, score, ids, len(ids), "stop" if ended else "length")
+                            if ended:
+                                continue
+                        if len(chosen) < k:
+                            chosen.append((src, token, score))
+                        if len(chosen) == k and (rank >= k - 1 or not last):
                             break
-                    best_running = max(top_scores_l[r])
-                    if len(hyps[r]) == k and hyps[r][-1][0] >= best_running / (t + 1) ** p0.length_penalty:
+                    # transformers' early_stopping=False heuristic: done when every hypothesis slot is
+                    # filled and the best running beam, at its current length, cannot beat the worst one
+                    if chosen and len(hyps[r]) == k and hyps[r][-1][0] >= chosen[0][2] / (t + 1) ** p0.length_penalty:
                         done[r] = True
+                if last:
+                    done[r] = True
                 if done[r] or len(chosen) < k:  # finished requests keep k dummy beams
                     chosen = [(r * k, self.eos_id or 0, -1e9)] * k
                 for src, token, score in chosen:
@@ -359,17 +363,10 @@ class GenerationEngine:
             tok_t = torch.tensor(next_tok, device=dev)
             seqs = torch.cat([seqs[src_t], tok_t[:, None]], dim=1)
             beam_scores = torch.tensor(next_score, device=dev).view(b, k)
-            if t == p0.max_new_tokens - 1:
-                break
             cache.reorder_cache(src_t)
             mask = torch.cat([mask, mask.new_ones(b * k, 1)], dim=1)
             logits = self._step(tok_t, cache, mask, positions)
             positions = positions + 1
-        seq_l, score_l = seqs.tolist(), beam_scores.tolist()
-        for r in range(b):
-            if not done[r]:
-                for j in range(k):
-                    add_hyp(r, score_l[r][j], seq_l[r * k + j], len(seq_l[r * k + j]), "length")
         out = []
         for r in range(b):
             _, ids, reason = hyps[r][0]

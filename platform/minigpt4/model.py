@@ -320,14 +320,54 @@ class MiniGPT4(nn.Module):
         k = 0 if image_embeds is None else image_embeds.shape[0]
         if len(segments) != k + 1:
             raise ValueError(f"prompt has {len(segments) - 1} <ImageHere> placeholders but {k} images were given")
-        dev = self.device
+        dtype = self.llm.get_input_embeddings().weight.dtype
         parts = []
         for i, seg in enumerate(segments):
             if seg:
-                parts.append(self.embed_tokens(torch.tensor(seg, dtype=torch.long, device=dev)))
+                parts.append(self.embed_tokens(torch.tensor(seg, dtype=torch.long, device=self.device)))
             if i < k:
-                parts.append(image_embeds[i].to(self.embed_tokens(torch.zeros(1, dtype=torch.long, device=dev)).dtype))
-        return torch.cat(parts, dim=0)
+                parts.append(image_embeds[i].to(dtype))
+        return torch.cat(parts, dim=0)  # (L, H)
+
+    # -- generation --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generation_inputs(self, tokenizer, prompts: list[str], images=None) -> list[torch.Tensor]:
+        """Prompts with `<ImageHere>` placeholders -> per-prompt embeddings (L_i, H) for the engine.
+
+        images: None, a (B, 3, S, S) tensor (one image per prompt), or a list with one (k_i, 3, S, S)
+        tensor (or None) per prompt. All images are encoded in one batched pass.
+        """
+        from minigpt4.prompts import tokenize_segments
+
+        if images is None:
+            per_prompt = [None] * len(prompts)
+        elif isinstance(images, torch.Tensor):
+            per_prompt = list(images.unsqueeze(1))
+        else:
+            per_prompt = list(images)
+        if len(per_prompt) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but images for {len(per_prompt)}")
+        counts = [0 if x is None else x.shape[0] for x in per_prompt]
+        encoded = None
+        if sum(counts):
+            pixels = torch.cat([x for x in per_prompt if x is not None]).to(self.device)
+            encoded = self.encode_images(pixels).split(counts)  # (k_i, N, H) per prompt
+        return [self.prompt_embeds(tokenize_segments(tokenizer, p, bos=True), encoded[i] if counts[i] else None)
+                for i, p in enumerate(prompts)]
+
+    def generate(self, tokenizer, prompts: list[str], images=None, params=None):
+        """Batched generation -> list of generate.Completion (see GenerationEngine for the guarantees)."""
+        from minigpt4.generate import GenerationEngine, SamplingParams
+
+        embeds = self.generation_inputs(tokenizer, prompts, images)
+        return GenerationEngine(self.llm, tokenizer).generate(embeds, params or SamplingParams())
+
+    def stream(self, tokenizer, prompts: list[str], images=None, params=None):
+        """Like generate, yielding TokenEvents per decode step."""
+        from minigpt4.generate import GenerationEngine, SamplingParams
+
+        embeds = self.generation_inputs(tokenizer, prompts, images)
+        return GenerationEngine(self.llm, tokenizer).stream(embeds, params or SamplingParams())
 
 
 # -- building -----------------------------------------------------------------------------------

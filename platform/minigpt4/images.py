@@ -1,0 +1,97 @@
+"""Image decoding and the eval-time processor (bicubic resize to S x S, CLIP normalization).
+
+Decoding is strict about what it accepts and says why it refuses: every failure is an
+`ImageError` with a short machine-readable `reason` (the data pipeline counts by it).
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold
+MAX_ASPECT = 50.0
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image. `reason` is one of: missing, empty, not_image,
+    corrupt, too_large, bad_aspect."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def load_image(source: str | os.PathLike | bytes, name: str | None = None, max_pixels: int = MAX_PIXELS,
+               max_aspect: float = MAX_ASPECT):
+    """Decode a path or bytes to an RGB PIL image: EXIF orientation applied, alpha composited on
+    white, palette / CMYK / 16-bit / grayscale converted."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    name = name or (str(source) if not isinstance(source, (bytes, bytearray)) else "<bytes>")
+    if isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ImageError("missing", f"image not found: {name}")
+        data = path.read_bytes()
+    if not data:
+        raise ImageError("empty", f"image file is empty: {name}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError("too_large", f"{name}: {w}x{h} exceeds the {max_pixels:,}-pixel limit")
+            if min(w, h) < 1 or max(w, h) / min(w, h) > max_aspect:
+                raise ImageError("bad_aspect", f"{name}: aspect ratio of {w}x{h} exceeds {max_aspect:g}")
+            img.load()
+    except ImageError:
+        raise
+    except UnidentifiedImageError as e:
+        raise ImageError("not_image", f"{name}: not a recognised image format") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError("too_large", f"{name}: {e}") from e
+    except (OSError, SyntaxError, ValueError) as e:  # truncated / corrupt streams
+        raise ImageError("corrupt", f"{name}: corrupt or truncated image ({e})") from e
+    return to_rgb(ImageOps.exif_transpose(img))
+
+
+def to_rgb(img):
+    """RGB without surprises: transparency over white, 16-bit scaled to 8-bit."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float32)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / peak), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def preprocess(img, size: int) -> np.ndarray:
+    """MiniGPT-4's eval processor: bicubic resize to (size, size), [0, 1], CLIP mean/std -> (3, S, S) float32."""
+    from PIL import Image
+
+    arr = np.asarray(img.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(CLIP_MEAN, dtype=np.float32)) / np.asarray(CLIP_STD, dtype=np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def load_pixels(sources, size: int):
+    """Paths/bytes -> (B, 3, S, S) torch tensor (raises ImageError on the first bad one)."""
+    import torch
+
+    return torch.from_numpy(np.stack([preprocess(load_image(s), size) for s in sources]))
