@@ -125,7 +125,7 @@ class ScriptedLM(torch.nn.Module):
                                   num_attention_heads=1, num_key_value_heads=1)
         self.batch_sizes: list[int] = []
 
-    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, past_key_values=None, **_):
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None, **_):
         from types import SimpleNamespace
 
         if inputs_embeds is not None:  # prefill: remember each row's script id (first real position)
@@ -134,11 +134,11 @@ class ScriptedLM(torch.nn.Module):
             kv = ids.view(-1, 1, 1, 1).expand(-1, 1, 1, 1).float()
         else:
             kv = torch.zeros(input_ids.shape[0], 1, 1, 1)
-        keys, _ = past_key_values.update(kv, kv, 0)
+        keys, _ = cache.update(kv, kv, 0)
         b, steps = keys.shape[0], keys.shape[2] - 1
         self.batch_sizes.append(b)
         logits = torch.full((b, 1, self.vocab), -1e4)
         for r in range(b):
             script = self.scripts[int(keys[r, 0, 0, 0])]
             logits[r, 0, script[min(steps, len(script) - 1)]] = 0
-        return SimpleNamespace(logits=logits, past_key_values=past_key_values)
+        return SimpleNamespace(logits=logits)

@@ -16,6 +16,7 @@ repetition penalty covers generated tokens only; min_new_tokens masks EOS; then 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -120,6 +121,9 @@ class GenerationEngine:
         self.llm = llm
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_token_id
+        # transformers 5.2x renamed `past_key_values` to `cache` (old name removed in 5.40); 5.17 knows only the old
+        base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+        self._cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
     # -- public API ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -175,13 +179,13 @@ class GenerationEngine:
             mask[i, lmax - e.shape[0]:] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.llm.config)
-        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :].float(), out.past_key_values, mask, positions[:, -1] + 1, lengths
+        out = self.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+                       logits_to_keep=1, **{self._cache_kw: cache})
+        return out.logits[:, -1, :].float(), cache, mask, positions[:, -1] + 1, lengths
 
     def _step(self, tokens: torch.Tensor, cache, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         out = self.llm(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
-                       past_key_values=cache, use_cache=True)
+                       use_cache=True, **{self._cache_kw: cache})
         return out.logits[:, -1, :].float()
 
     @staticmethod
