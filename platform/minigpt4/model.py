@@ -205,8 +205,9 @@ class MiniGPT4(nn.Module):
 
     # -- precision / freezing ---------------------------------------------------------------------
     def _cast_vision(self, dtype: torch.dtype):
-        """As LAVIS' convert_weights_to_fp16: Conv/Linear weights in low precision, LayerNorms and the
-        q/v biases, class and position embeddings in fp32. Forward runs under autocast (encode_images)."""
+        """As LAVIS' convert_weights_to_fp16: Conv/Linear weights in low precision; LayerNorms, class and
+        position embeddings stay fp32. transformers 5.2x folds q_bias/v_bias into the qkv Linear's bias, so
+        they follow its dtype here; LAVIS keeps them fp32 but autocast casts them to fp16 at compute anyway."""
         for m in self.vision.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 m.to(dtype)
