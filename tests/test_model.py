@@ -215,3 +215,22 @@ def test_splice_rejects_wrong_image_count(tiny_model):
     ids = torch.tensor([[1] + [IMAGE_TOKEN_ID] * 4 + [5]])
     with pytest.raises(ValueError, match="4 image positions but 8"):
         tiny_model.splice(ids, torch.zeros(2, 4, 64))
+
+
+def test_label_mask_token_by_token(tiny_tokenizer):
+    """Which positions carry loss, spelled out: only the answer and its end_sym."""
+    tok = tiny_tokenizer
+    prompt = stage2_prompt("vicuna_v0", instruction="<Img><ImageHere></Img> Describe this image in detail.")
+    s = encode_training_sample(tok, prompt, "a red circle", "###", max_txt_len=160, num_image_tokens=2)
+    shown = [("<IMG>" if i == IMAGE_TOKEN_ID else tok.convert_ids_to_tokens(i), "loss" if l != -100 else "-")
+             for i, l in zip(s["input_ids"], s["labels"])]
+    assert shown == [
+        ("<s>", "-"), ("▁###", "-"), ("Human", "-"), (":", "-"), ("▁<Img>", "-"), ("<IMG>", "-"), ("<IMG>", "-"),
+        ("▁", "-"), ("</Img>", "-"), ("▁Describe", "-"), ("▁this", "-"), ("▁image", "-"), ("▁in", "-"),
+        ("▁detail", "-"), (".", "-"), ("▁###", "-"), ("Assistant", "-"), (":", "-"), ("▁", "-"),
+        ("▁a", "loss"), ("▁red", "loss"), ("▁circle", "loss"), ("###", "loss"),
+    ]
+    assert s["prompt_len"] == 19
+    stage1 = encode_training_sample(tok, None, "a red circle", STAGE1_END_SYM, 32, num_image_tokens=2)
+    assert stage1["input_ids"][:3] == [1, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID]  # [BOS][img][caption + "\n"]
+    assert stage1["labels"][:3] == [-100] * 3 and all(l != -100 for l in stage1["labels"][3:])
