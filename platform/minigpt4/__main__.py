@@ -155,6 +155,8 @@ def _stops(model) -> tuple[str, ...]:
 
 
 def cmd_caption(args) -> int:
+    import torch
+
     from minigpt4.images import ImageError, load_pixels
     from minigpt4.prompts import INSTRUCTION_TEMPLATES, Conversation
 
@@ -176,8 +178,6 @@ def cmd_caption(args) -> int:
                 print(f"{path}\tERROR ({e.reason}): {e}", file=sys.stderr)
         if not batch:
             continue
-        import torch
-
         comps = model.generate(tokenizer, [prompt] * len(batch), torch.cat(pixels), params)
         for path, c in zip(batch, comps):
             print(f"{path}\t{conv.clean_answer(c.text)}")
@@ -234,13 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"chat": cmd_chat, "caption": cmd_caption, "demo": cmd_demo}[args.command](args)
-    except ImageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
+    except (ImageError, FileNotFoundError, ValueError) as e:  # bad input: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

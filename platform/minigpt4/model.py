@@ -310,7 +310,7 @@ class MiniGPT4(nn.Module):
         """
         image_embeds = self.encode_images(pixel_values) if pixel_values is not None else None
         inputs_embeds = self.splice(input_ids, image_embeds)
-        with self._autocast(DTYPES[self.cfg.llm_dtype] if self.cfg.quantize_llm == "none" else torch.float16):
+        with self._autocast(DTYPES[self.cfg.llm_dtype]):  # also the bitsandbytes compute dtype (weights.py)
             return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
 
     def prompt_embeds(self, segments: list[list[int]], image_embeds: torch.Tensor | None) -> torch.Tensor:

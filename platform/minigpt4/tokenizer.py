@@ -8,6 +8,7 @@ and shipped in `assets/tiny_tokenizer/` so every machine gets identical ids.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def _corpus() -> list[str]:
 
 def build_tiny_tokenizer(vocab_size: int = 640):
     """Train the tiny BPE tokenizer (deterministic) and wrap it as a transformers tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<s>", "</s>"]
@@ -62,22 +63,18 @@ def build_tiny_tokenizer(vocab_size: int = 640):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(byte_pieces), special_tokens=specials,
                                   show_progress=False)
     trainer_tok.train_from_iterator(_corpus(), trainer=trainer)
-    trained = trainer_tok.model
     # Re-number LLaMA style: specials 0..2, bytes 3..258, then learned pieces.
     vocab = {t: i for i, t in enumerate(specials + byte_pieces)}
     for piece, _ in sorted(trainer_tok.get_vocab().items(), key=lambda kv: kv[1]):
         vocab.setdefault(piece, len(vocab))
-    import json
     merges = [tuple(m) if isinstance(m, (list, tuple)) else tuple(m.split(" "))
               for m in json.loads(trainer_tok.to_str())["model"]["merges"]]
-    del trained
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(content=" ", left=1, right=0)])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", 1)])
-    from tokenizers import AddedToken
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    padding_side="right", model_max_length=4096)
