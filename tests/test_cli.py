@@ -64,3 +64,23 @@ def test_demo_runs_end_to_end(capsys):
     assert main(["demo", "--max-new-tokens", "5"]) == 0
     text = capsys.readouterr().out
     assert "[demo] generated image: a " in text and text.count("Assistant: ") == 2 and "[demo] done" in text
+
+
+def test_chat_reuses_encoded_image_and_matches_generate(image_path, tiny_model, tiny_tokenizer):
+    import io
+
+    from minigpt4.__main__ import Chat
+    from minigpt4.generate import SamplingParams
+    from minigpt4.images import load_pixels
+
+    params = SamplingParams(max_new_tokens=6, stop=("###",))
+    chat = Chat(tiny_model, tiny_tokenizer, params, out=io.StringIO())
+    chat.upload(image_path)
+    assert chat.conv.images[0].shape == (1, tiny_model.cfg.num_query_tokens, 64)  # embeddings, not pixels
+    chat.ask("Describe this image.")
+    second = chat.ask("And the colours?")
+    pixels = load_pixels([image_path], 32)
+    conv = chat.conv.copy()
+    conv.messages = conv.messages[:-1]  # prompt as it was when the second question was asked
+    ref = tiny_model.generate(tiny_tokenizer, [conv.prompt()], [pixels], params)[0]
+    assert conv.clean_answer(ref.text) == second

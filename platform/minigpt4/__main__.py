@@ -17,8 +17,6 @@ from minigpt4.generate import CHAT_DEFAULTS, SamplingParams
 
 log = logging.getLogger("minigpt4")
 
-CAPTION_PROMPT = "<Img><ImageHere></Img> Describe this image in detail."
-
 
 def _add_model_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("model and weights (local paths or s3:// URIs)")
@@ -72,13 +70,14 @@ def sampling_from_args(args, stop: tuple[str, ...]) -> SamplingParams:
 
 
 class Chat:
-    """Terminal chat over one Conversation: images are encoded once, answers stream as they decode."""
+    """Terminal chat over one Conversation: each image is encoded once at upload, answers stream as they decode."""
 
     def __init__(self, model, tokenizer, params: SamplingParams, out=sys.stdout):
-        from minigpt4.prompts import Conversation
+        from minigpt4.generate import GenerationEngine
 
         self.model, self.tokenizer, self.params, self.out = model, tokenizer, params, out
-        self.conv = Conversation.for_template(model.cfg.template)
+        self.engine = GenerationEngine(model.llm, tokenizer)
+        self.reset()
 
     def reset(self):
         from minigpt4.prompts import Conversation
@@ -86,18 +85,24 @@ class Chat:
         self.conv = Conversation.for_template(self.model.cfg.template)
 
     def upload(self, source) -> None:
+        import torch
+
         from minigpt4.images import load_pixels
 
         pixels = load_pixels([source], self.model.cfg.image_size).to(self.model.device)
-        self.conv.add_image(pixels)
+        with torch.no_grad():
+            self.conv.add_image(self.model.encode_images(pixels))  # (1, N, H), reused by every later turn
 
     def ask(self, text: str) -> str:
         import torch
 
+        from minigpt4.prompts import tokenize_segments
+
         self.conv.ask(text)
         images = torch.cat(self.conv.images) if self.conv.images else None
-        stream = self.model.stream(self.tokenizer, [self.conv.prompt()], [images], self.params)
-        for events in stream:
+        with torch.no_grad():
+            prompt = self.model.prompt_embeds(tokenize_segments(self.tokenizer, self.conv.prompt(), bos=True), images)
+        for events in self.engine.stream([prompt], self.params):
             for ev in events:
                 if ev.text:
                     self.out.write(ev.text)
