@@ -2,18 +2,11 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -22,23 +15,19 @@ def s3_endpoint(tmp_path_factory):
 
     Set before any Ray cluster starts, so Ray workers inherit the endpoint and credentials.
     """
-    from moto.server import ThreadedMotoServer
+    from minigpt4.s3server import LocalS3
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                                            "AWS_DEFAULT_REGION", "MINIGPT4_CACHE")}
-    os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
-                      AWS_DEFAULT_REGION="us-east-1", MINIGPT4_CACHE=str(tmp_path_factory.mktemp("cache")))
-    yield endpoint
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    saved_cache = os.environ.get("MINIGPT4_CACHE")
+    with LocalS3() as server:
+        server.apply_env()  # restored by stop() on exit
+        os.environ["MINIGPT4_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+        try:
+            yield server.endpoint
+        finally:
+            if saved_cache is None:
+                os.environ.pop("MINIGPT4_CACHE", None)
+            else:
+                os.environ["MINIGPT4_CACHE"] = saved_cache
 
 
 @pytest.fixture
@@ -65,3 +54,22 @@ def tiny_model():
 
     torch.manual_seed(0)
     return build_model(preset("tiny")).eval()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint):
+    """One local Ray cluster for the session (2 CPUs, 512 MiB object store), started after the S3
+    server so its workers inherit the AWS_* variables. Train workers in tests ask for 0.5 CPU each:
+    with whole CPUs they would starve Ray Data's read tasks on a 2-core box."""
+    import ray
+
+    # test modules hold train functions: workers unpickle them by module name, so they need tests/ too
+    path = os.pathsep.join(p for p in (os.path.dirname(__file__), os.environ.get("PYTHONPATH")) if p)
+    ray.init(num_cpus=2, object_store_memory=512 * 1024**2, include_dashboard=False,
+             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
+                                       "PYTHONPATH": path}})
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()

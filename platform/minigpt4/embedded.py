@@ -1,0 +1,60 @@
+"""The embedded default: a loopback S3 server holding the synthetic dataset.
+
+Every job run with no arguments (and `make demo`) uses it: the data really travels over HTTP from an
+S3-compatible server to Ray's workers, as it would from S3, with nothing to download or configure.
+The server lives in the driver process and dies with it; `env` holds the AWS_* variables that point
+clients at it (pass them to Ray's `runtime_env` so workers on a running cluster get them too).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BUCKET = "minigpt4-demo"
+
+
+@dataclass
+class EmbeddedData:
+    server: object  # minigpt4.s3server.LocalS3
+    root: str
+    train_shards: int
+    summary: dict
+
+    @property
+    def pretrain(self) -> str:
+        return f"{self.root}/pretrain/{{00000..{self.train_shards - 1:05d}}}.tar"
+
+    @property
+    def align(self) -> str:
+        return f"{self.root}/align"
+
+    @property
+    def heldout_images(self) -> str:
+        return f"{self.root}/heldout/images/"
+
+    @property
+    def heldout_annotations(self) -> str:
+        return f"{self.root}/heldout/annotations.json"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return self.server.env()
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def start_embedded(*, seed: int = 0, train_shards: int = 8, samples_per_shard: int = 64, align_samples: int = 64,
+                   heldout_samples: int = 32, image_size: int = 64, progress: bool = True) -> EmbeddedData:
+    """Start a local S3 server, point this process's AWS_* variables at it, and write the synthetic
+    dataset to `s3://minigpt4-demo/synthetic`. Call before `ray.init` so local workers inherit the env."""
+    from .s3server import LocalS3
+    from .synthetic import write_dataset
+
+    server = LocalS3().start()
+    server.apply_env()
+    server.create_bucket(BUCKET)
+    root = f"s3://{BUCKET}/synthetic"
+    summary = write_dataset(root, seed=seed, train_shards=train_shards, samples_per_shard=samples_per_shard,
+                            align_samples=align_samples, heldout_samples=heldout_samples, image_size=image_size,
+                            progress=progress)
+    return EmbeddedData(server, root, train_shards, summary)

@@ -1,0 +1,339 @@
+"""The data pipeline: sources, processing, bad samples, mixtures, streaming, Ray Train sharding."""
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from minigpt4.data import (Mixture, ProcessConfig, SampleError, SourceConfig, TrainingCollator, build_dataset,
+                           clean_caption, expand_braces, iter_units, read_errors, summarize)
+from minigpt4.data import io as uio
+from minigpt4.data.sources import RawSample, UnitStats, iter_json_array, read_unit
+
+TINY = dict(image_size=32, num_image_tokens=4)
+
+
+def jpeg(seed: int, size=(40, 30), fmt="JPEG") -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def make_tar(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for key, members in samples:
+            for ext, data in members.items():
+                ti = tarfile.TarInfo(f"{key}.{ext}")
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def good(key: str, seed: int) -> tuple[str, dict[str, bytes]]:
+    return key, {"jpg": jpeg(seed), "json": json.dumps({"caption": f"A photo: number {seed}!"}).encode(),
+                 "txt": b"ignored when the json has a caption"}
+
+
+def put(uri: str, data: bytes) -> None:
+    uio.write_bytes(uri, data)
+
+
+# -- pure functions -----------------------------------------------------------------------------
+def test_expand_braces_keeps_padding_and_is_lazy():
+    assert list(expand_braces("s3://b/{00000..00002}.tar")) == ["s3://b/00000.tar", "s3://b/00001.tar",
+                                                                "s3://b/00002.tar"]
+    assert list(expand_braces("d/{a,b}/{8..10}.tar")) == ["d/a/8.tar", "d/a/9.tar", "d/a/10.tar", "d/b/8.tar",
+                                                          "d/b/9.tar", "d/b/10.tar"]
+    it = expand_braces("x/{000000000..999999999}.tar")  # a billion names: must not be materialized
+    assert next(it) == "x/000000000.tar" and next(it) == "x/000000001.tar"
+    with pytest.raises(ValueError, match="cannot expand"):
+        list(expand_braces("x/{1-3}.tar"))
+
+
+def test_clean_caption_matches_blip_processor():
+    assert clean_caption('A "Red" Circle: (big)!  #1; ~ok~') == "a red circle big 1 ok"
+    assert clean_caption(" ".join(f"w{i}" for i in range(60))) == " ".join(f"w{i}" for i in range(50))
+    assert clean_caption("...") == ""
+
+
+def test_iter_json_array_streams_in_small_chunks():
+    anns = [{"image_id": str(i), "caption": f"caption {i} with \"quotes\", [brackets] and {{braces}}"}
+            for i in range(50)]
+    data = json.dumps({"info": {"annotations": "decoy"}, "annotations": anns}, indent=1).encode()
+    assert list(iter_json_array(io.BytesIO(data), chunk=7)) == anns
+    assert list(iter_json_array(io.BytesIO(json.dumps(anns).encode()), chunk=5)) == anns
+    with pytest.raises(ValueError, match="truncated"):
+        list(iter_json_array(io.BytesIO(data[:len(data) // 2]), chunk=64))
+
+
+def test_processor_stage_outputs(tiny_tokenizer):
+    from minigpt4.data import Processor
+
+    raw = RawSample("k1", jpeg(1), "A Red: Circle!")
+    s1 = Processor(ProcessConfig(task="stage1", **TINY))(raw)
+    assert s1["caption"] == "a red circle"
+    assert s1["pixel_values"].shape == (3, 32, 32) and s1["pixel_values"].dtype == np.float32
+    ids, labels = s1["input_ids"], s1["labels"]
+    assert ids[0] == tiny_tokenizer.bos_token_id and list(ids[1:5]) == [-200] * 4 and s1["prompt_len"] == 5
+    assert (labels[:5] == -100).all() and (labels[5:] == ids[5:]).all()
+    assert tiny_tokenizer.decode(ids[5:]) == "a red circle\n"
+    s2 = Processor(ProcessConfig(task="stage2", **TINY))(raw)
+    text = tiny_tokenizer.decode([t for t in s2["input_ids"] if t >= 0])
+    assert text.startswith("<s> ###Human: <Img>") and "###Assistant:" in text and text.endswith("A Red: Circle!###")
+    # reproducible per (seed, epoch, key); the crop varies with the epoch
+    rrc = ProcessConfig(task="caption", augment="random_resized_crop", **TINY)
+    a, b, c = (Processor(rrc)(raw, epoch=e)["pixel_values"] for e in (0, 0, 1))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    with pytest.raises(SampleError) as e:
+        Processor(ProcessConfig(task="stage1", **TINY))(RawSample("k", jpeg(1), "..."))
+    assert e.value.reason == "empty_caption"
+
+
+def test_random_resized_crop_box_bounds():
+    from minigpt4.images import random_resized_crop_box
+
+    rng = random.Random(0)
+    for w, h in [(224, 224), (640, 480), (100, 1000), (3, 3)]:
+        for _ in range(50):
+            l, t, r, b = random_resized_crop_box(w, h, rng, (0.5, 1.0))
+            assert 0 <= l < r <= w and 0 <= t < b <= h
+            if w >= 100 and h >= 100 and 0.75 <= w / h <= 4 / 3:
+                assert (r - l) * (b - t) >= 0.5 * w * h * 0.97
+
+
+# -- one source per format, on the local S3 server ------------------------------------------------
+def planted_shards(bucket: str) -> tuple[str, set[str], dict[str, str]]:
+    """Three shards with 13 kinds of bad samples among good ones, plus a missing shard."""
+    big = np.zeros((1000, 1200, 3), dtype=np.uint8)  # 1.2 MP > the test's 1 MP limit
+    from PIL import Image
+
+    bomb = io.BytesIO()
+    Image.fromarray(big).save(bomb, format="PNG")
+    valid = jpeg(99)
+    bad = {
+        "000000101": ("corrupt", {"jpg": valid[:200] + b"\x00" * 50 + valid[250:600], "txt": b"x y"}),
+        "000000102": ("corrupt", {"jpg": valid[: len(valid) // 2], "txt": b"truncated jpeg"}),
+        "000000103": ("empty", {"jpg": b"", "txt": b"zero bytes"}),
+        "000000104": ("not_image", {"jpg": b"<html>not an image</html>", "txt": b"html"}),
+        "000000105": ("too_large", {"png": bomb.getvalue(), "txt": b"a bomb"}),
+        "000000106": ("bad_aspect", {"jpg": jpeg(5, size=(600, 4)), "txt": b"a sliver"}),
+        "000000107": ("missing_caption", {"jpg": jpeg(6)}),
+        "000000108": ("empty_caption", {"jpg": jpeg(7), "txt": b"   "}),
+        "000000109": ("bad_caption_encoding", {"jpg": jpeg(8), "txt": b"caf\xe9 \xff"}),
+        "000000110": ("bad_json", {"jpg": jpeg(9), "json": b"{not json", "txt": b"fine"}),
+        "000000111": ("missing_image", {"txt": b"text only"}),
+        "000000112": ("empty_caption", {"jpg": jpeg(10), "json": json.dumps({"caption": "!!! ..."}).encode()}),
+    }
+    goods = [good(f"0000000{i:02d}", i) for i in range(20)] + [good(f"00000020{i}", 200 + i) for i in range(8)]
+    shard0 = goods[:10] + [(k, m) for k, (_, m) in list(bad.items())[:6]]
+    shard1 = goods[10:20] + [(k, m) for k, (_, m) in list(bad.items())[6:]]
+    shard2 = make_tar(goods[20:] + [good("000000300", 300)])
+    cut = shard2.index(b"000000300.json")  # cut inside the last sample: the rest of the shard is gone
+    root = f"s3://{bucket}/laion"
+    put(f"{root}/00000.tar", make_tar(shard0))
+    put(f"{root}/00001.tar", make_tar(shard1))
+    put(f"{root}/00002.tar", shard2[:cut + 700])
+    expected_bad = {k: reason for k, (reason, _) in bad.items()}
+    expected_bad["000000300"] = "truncated_tar"
+    expected_bad[f"{root}/00003.tar"] = "missing"
+    return root + "/{00000..00003}.tar", {k for k, _ in goods}, expected_bad
+
+
+def test_webdataset_with_planted_bad_samples(ray_cluster, s3_bucket):
+    pattern, good_keys, expected_bad = planted_shards(s3_bucket)
+    errors = f"s3://{s3_bucket}/errors"
+    ds = build_dataset(SourceConfig(pattern, name="laion"),
+                       ProcessConfig(task="stage1", max_pixels=1_000_000, **TINY), errors=errors)
+    rows = ds.take_all()
+    keys = [r["key"] for r in rows]
+    assert Counter(keys) == Counter(good_keys)  # every good sample exactly once
+    assert {r["caption"] for r in rows if r["key"] == "000000003"} == {"a photo number 3"}
+    reported = {e["key"]: e["reason"] for e in read_errors(errors)}
+    assert reported == expected_bad
+    assert len({e["reason"] for e in read_errors(errors)}) >= 10
+    report = summarize(errors)
+    assert report.delivered == len(good_keys) and report.units == 4
+    assert report.skipped == len(expected_bad)
+    assert report.errors["corrupt"] == 2 and report.errors["truncated_tar"] == 1
+    assert "skipped" in report.format() and "laion" in report.format()
+
+
+def test_parquet_source(ray_cluster, s3_bucket):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for f in range(2):
+        t = pa.table({"url_key": [f"p{f}-{i}" for i in range(6)],
+                      "image": [jpeg(f * 10 + i) if i != 5 else b"junk" for i in range(6)],
+                      "text": [f"Caption {f} {i}" if i != 4 else None for i in range(6)]})
+        buf = io.BytesIO()
+        pq.write_table(t, buf, row_group_size=4)
+        put(f"s3://{s3_bucket}/pq/part-{f}.parquet", buf.getvalue())
+    put(f"s3://{s3_bucket}/pq/broken.parquet", b"PAR1 not really")
+    src = SourceConfig(f"s3://{s3_bucket}/pq/", format="parquet", image_column="image", caption_column="text",
+                       key_column="url_key")
+    errors = f"s3://{s3_bucket}/errors"
+    rows = build_dataset(src, ProcessConfig(task="stage2", **TINY), errors=errors).take_all()
+    assert sorted(r["key"] for r in rows) == sorted(f"p{f}-{i}" for f in range(2) for i in range(4))
+    assert {r["key"]: r["caption"] for r in rows}["p1-2"] == "Caption 1 2"
+    got = {(e["key"], e["reason"]) for e in read_errors(errors)}
+    assert got == {("p0-4", "missing_caption"), ("p1-4", "missing_caption"), ("p0-5", "not_image"),
+                   ("p1-5", "not_image"), (f"s3://{s3_bucket}/pq/broken.parquet", "unreadable_parquet")}
+
+
+def test_cc_sbu_align_source(ray_cluster, s3_bucket):
+    root = f"s3://{s3_bucket}/align"
+    anns = [{"image_id": str(i), "caption": f"The image shows shape {i}. It is red."} for i in range(7)]
+    put(f"{root}/filter_cap.json", json.dumps({"annotations": anns}).encode())
+    for i in range(7):
+        if i != 3:
+            put(f"{root}/image/{i}.jpg", jpeg(i))
+    errors = f"s3://{s3_bucket}/errors"
+    src = SourceConfig(root, format="cc_sbu_align", unit_size=3)
+    assert [len(u["annotations"]) for u in iter_units(src)] == [3, 3, 1]
+    rows = build_dataset(src, ProcessConfig(task="stage2", **TINY), errors=errors).take_all()
+    assert sorted(r["key"] for r in rows) == ["0", "1", "2", "4", "5", "6"]
+    assert {r["key"]: r["caption"] for r in rows}["5"] == anns[5]["caption"]  # stage 2 keeps the text as written
+    assert [(e["key"], e["reason"]) for e in read_errors(errors)] == [("3", "missing")]
+
+
+def test_image_prefix_source_keys_by_object_key(ray_cluster, s3_bucket):
+    root = f"s3://{s3_bucket}/raw/"
+    names = [f"a/{i:03d}.jpg" for i in range(5)] + ["b/x.png", "b/y.webp", "b/alpha.png"]
+    for i, n in enumerate(names[:5]):
+        put(root + n, jpeg(i))
+    put(root + "b/x.png", jpeg(10, fmt="PNG"))
+    put(root + "b/y.webp", jpeg(11, fmt="WEBP"))
+    put(root + "b/alpha.png", b"\x89PNG\r\n\x1a\n broken")
+    put(root + "b/notes.txt", b"not listed")
+    errors = f"s3://{s3_bucket}/errors"
+    src = SourceConfig(root, format="images", unit_size=3)
+    assert len(list(iter_units(src))) == 3
+    rows = build_dataset(src, ProcessConfig(task="caption", **TINY), errors=errors).take_all()
+    assert sorted(r["key"] for r in rows) == sorted(n for n in names if n != "b/alpha.png")
+    assert [(e["key"], e["reason"]) for e in read_errors(errors)] == [("b/alpha.png", "not_image")]
+
+
+def test_listing_is_streamed_not_materialized(ray_cluster, s3_bucket, monkeypatch):
+    """1,000 objects: building the dataset lists nothing; the listing is a generator consumed page by page
+    inside one Ray task, and every object comes through once."""
+    import boto3
+
+    s3 = boto3.client("s3")
+    tiny = jpeg(0, size=(8, 8))
+    for i in range(1000):
+        s3.put_object(Bucket=s3_bucket, Key=f"many/{i:05d}.jpg", Body=tiny)
+    src = SourceConfig(f"s3://{s3_bucket}/many/", format="images", unit_size=100)
+    calls = []
+    monkeypatch.setattr(uio, "iter_objects", lambda *a, **k: calls.append(a) or iter(()))
+    ds = build_dataset(src, ProcessConfig(task="caption", **TINY))
+    assert calls == []  # lazy: the driver lists nothing when the dataset is built
+    monkeypatch.undo()
+    # the listing generator holds one page at a time: it yields the first unit after 1 page, not 10
+    pages = []
+    real = uio.client().get_paginator("list_objects_v2").paginate
+
+    class CountingClient:
+        def get_paginator(self, name):
+            class P:
+                def paginate(self, **kw):
+                    for page in real(**kw, PaginationConfig={"PageSize": 100}):
+                        pages.append(len(page.get("Contents", [])))
+                        yield page
+            return P()
+
+    monkeypatch.setattr(uio, "client", lambda options=None: CountingClient())
+    units = iter_units(src)
+    first = next(units)
+    assert len(first["uris"]) == 100 and len(pages) == 1
+    monkeypatch.undo()
+    assert ds.count() == 1000
+
+
+# -- mixtures -----------------------------------------------------------------------------------
+def test_mixture_follows_ratios_and_is_reproducible():
+    opened = Counter()
+
+    def open_stream(name, epoch):
+        opened[name] += 1
+        return iter([f"{name}-{epoch}-{i}" for i in range(3)])
+
+    mix = Mixture(open_stream, {"laion": 115, "cc_sbu": 14}, seed=7)
+    draws = [next(mix)[0] for _ in range(20000)]
+    frac = draws.count("cc_sbu") / len(draws)
+    assert abs(frac - 14 / 129) < 0.01
+    assert opened["laion"] > 1000  # a stream that runs out starts its next epoch
+    again = Mixture(open_stream, {"laion": 115, "cc_sbu": 14}, seed=7)
+    assert [next(again)[0] for _ in range(200)] == draws[:200]
+    with pytest.raises(RuntimeError, match="yields no batches"):
+        next(Mixture(lambda n, e: iter(()), {"empty": 1}))
+
+
+def test_mixture_over_ray_datasets(ray_cluster, s3_bucket):
+    root = f"s3://{s3_bucket}"
+    for name, n in (("a", 12), ("b", 12)):
+        put(f"{root}/{name}/00000.tar", make_tar([good(f"{name}{i:08d}", i) for i in range(n)]))
+    cfg = ProcessConfig(task="stage1", **TINY)
+    datasets = {n: build_dataset(SourceConfig(f"{root}/{n}/00000.tar", name=n), cfg) for n in ("a", "b")}
+    mix = Mixture(lambda n, epoch: datasets[n].iter_batches(batch_size=4), {"a": 3, "b": 1}, seed=0)
+    seen = Counter()
+    for _ in range(40):
+        name, batch = next(mix)
+        assert {k[0] for k in batch["key"]} == {name}
+        seen[name] += 1
+    assert seen["a"] > seen["b"] > 0
+
+
+# -- Ray Train workers see disjoint shards ---------------------------------------------------------
+def _collect_keys(config):
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    keys = []
+    for batch in shard.iter_torch_batches(batch_size=8, collate_fn=TrainingCollator(config["pad"])):
+        assert batch["input_ids"].shape == batch["labels"].shape and batch["pixel_values"].shape[1:] == (3, 32, 32)
+        keys += batch["keys"]
+    rank = ray.train.get_context().get_world_rank()
+    with open(f"{config['out']}/keys-{rank}.json", "w") as f:
+        json.dump(keys, f)
+
+
+def test_train_workers_get_disjoint_shards(ray_cluster, s3_bucket, tmp_path, tiny_tokenizer):
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    root = f"s3://{s3_bucket}/wds"
+    all_keys = set()
+    for s in range(4):
+        samples = [good(f"{s:05d}{i:04d}", s * 100 + i) for i in range(10)]
+        all_keys |= {k for k, _ in samples}
+        put(f"{root}/{s:05d}.tar", make_tar(samples))
+    ds = build_dataset(SourceConfig(f"{root}/"), ProcessConfig(task="stage1", **TINY), shuffle_seed=0)
+    TorchTrainer(_collect_keys, train_loop_config={"out": str(tmp_path), "pad": tiny_tokenizer.pad_token_id},
+                 scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.5}),
+                 datasets={"train": ds},
+                 run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="shards")).fit()
+    k0 = json.loads((tmp_path / "keys-0.json").read_text())
+    k1 = json.loads((tmp_path / "keys-1.json").read_text())
+    assert len(k0) == len(set(k0)) and len(k1) == len(set(k1))
+    assert not set(k0) & set(k1)  # no sample seen twice within the epoch
+    assert set(k0) | set(k1) <= all_keys and len(k0) + len(k1) >= len(all_keys) - 1  # equal split may drop 1
+    assert abs(len(k0) - len(k1)) <= 1
+
+
+def test_unit_reader_without_ray_reports_unreadable_local_files(tmp_path):
+    st = UnitStats("w", "u")
+    assert list(read_unit(SourceConfig(str(tmp_path / "nope.tar")), {"id": "u", "uri": str(tmp_path / "nope.tar")},
+                          st)) == []
+    assert st.errors[0][1] == "missing"
+    with pytest.raises(ValueError, match="format must be one of"):
+        SourceConfig("x", format="tfrecord")
