@@ -60,10 +60,15 @@ def test_missing_image_and_weights_are_one_line_errors(image_path, tmp_path):
     assert out.returncode == 2 and "pretrained_minigpt4_7b.pth" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_demo_runs_end_to_end(capsys):
-    assert main(["demo", "--max-new-tokens", "5"]) == 0
-    text = capsys.readouterr().out
-    assert "[demo] generated image: a " in text and text.count("Assistant: ") == 2 and "[demo] done" in text
+def test_demo_runs_end_to_end():
+    """What `make demo` runs: its own local S3 server and Ray cluster (a subprocess: this session's
+    cluster and S3 fixtures must not be shared with it)."""
+    out = _run("demo", "--max-new-tokens", "5")
+    assert out.returncode == 0, out.stderr[-3000:]
+    text = out.stdout
+    assert "[demo] Ray Data stage1: 512 samples from 8 units" in text and ", 0 skipped" in text
+    assert "[demo] Ray Data stage2: 64 samples" in text
+    assert "[demo] held-out image h000000: a" in text and text.count("Assistant: ") == 2 and "[demo] done" in text
 
 
 def test_chat_reuses_encoded_image_and_matches_generate(image_path, tiny_model, tiny_tokenizer):

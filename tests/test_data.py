@@ -228,10 +228,12 @@ def test_listing_is_streamed_not_materialized(ray_cluster, s3_bucket, monkeypatc
     inside one Ray task, and every object comes through once."""
     import boto3
 
+    from concurrent.futures import ThreadPoolExecutor
+
     s3 = boto3.client("s3")
     tiny = jpeg(0, size=(8, 8))
-    for i in range(1000):
-        s3.put_object(Bucket=s3_bucket, Key=f"many/{i:05d}.jpg", Body=tiny)
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda i: s3.put_object(Bucket=s3_bucket, Key=f"many/{i:05d}.jpg", Body=tiny), range(1000)))
     src = SourceConfig(f"s3://{s3_bucket}/many/", format="images", unit_size=100)
     calls = []
     monkeypatch.setattr(uio, "iter_objects", lambda *a, **k: calls.append(a) or iter(()))
@@ -337,3 +339,79 @@ def test_unit_reader_without_ray_reports_unreadable_local_files(tmp_path):
     assert st.errors[0][1] == "missing"
     with pytest.raises(ValueError, match="format must be one of"):
         SourceConfig("x", format="tfrecord")
+
+
+# -- the synthetic dataset through every reader --------------------------------------------------
+def test_synthetic_dataset_through_every_source(ray_cluster, s3_bucket):
+    from minigpt4.synthetic import write_dataset
+
+    root = f"s3://{s3_bucket}/syn"
+    summary = write_dataset(root, seed=3, train_shards=2, samples_per_shard=6, align_samples=5, heldout_samples=4,
+                            image_size=32, parquet_shards=1, progress=False)
+    counts = summary["counts"]
+    stage1 = ProcessConfig(task="stage1", **TINY)
+    wds = build_dataset(SourceConfig(root + "/pretrain/{00000..00001}.tar"), stage1).take_all()
+    assert len(wds) == counts["pretrain"] == 12
+    tar = tarfile.open(fileobj=io.BytesIO(uio.read_bytes(f"{root}/pretrain/00001.tar")))
+    meta = json.loads(tar.extractfile("000010003.json").read())
+    assert {r["key"]: r["caption"] for r in wds}["000010003"] == clean_caption(meta["caption"])
+    pq_rows = build_dataset(SourceConfig(root + "/pretrain_parquet/", format="parquet"), stage1).take_all()
+    assert len(pq_rows) == counts["pretrain_parquet"] == 6 and not {r["key"] for r in pq_rows} & {r["key"] for r in wds}
+    align = build_dataset(SourceConfig(root + "/align", format="cc_sbu_align"),
+                          ProcessConfig(task="stage2", **TINY)).take_all()
+    anns = json.loads(uio.read_bytes(f"{root}/align/filter_cap.json"))["annotations"]
+    assert sorted((r["key"], r["caption"]) for r in align) == sorted((a["image_id"], a["caption"]) for a in anns)
+    held = build_dataset(SourceConfig(root + "/heldout/images/", format="images"),
+                         ProcessConfig(task="caption", **TINY)).take_all()
+    images = json.loads(uio.read_bytes(f"{root}/heldout/annotations.json"))["images"]
+    assert sorted(r["key"] for r in held) == sorted(i["file_name"].split("/", 1)[1] for i in images)
+
+
+def test_explicit_s3_options_override_the_environment(s3_endpoint, s3_bucket, monkeypatch):
+    put(f"s3://{s3_bucket}/x.bin", b"payload")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens there
+    opts = uio.S3Options(endpoint_url=s3_endpoint, region="us-east-1", max_attempts=1)
+    assert uio.read_bytes(f"s3://{s3_bucket}/x.bin", opts) == b"payload"
+    assert [u for u, _ in uio.iter_objects(f"s3://{s3_bucket}/", None, opts)] == [f"s3://{s3_bucket}/x.bin"]
+    with pytest.raises(uio.ObjectError) as e:
+        uio.read_bytes(f"s3://{s3_bucket}/x.bin", uio.S3Options(max_attempts=1))
+    assert e.value.reason == "unreadable"
+    with pytest.raises(uio.ObjectError) as e:
+        uio.read_bytes(f"s3://{s3_bucket}/absent.bin", opts)
+    assert e.value.reason == "missing"
+
+
+# -- the jobs ----------------------------------------------------------------------------------------
+def test_check_data_job_reports_bad_samples(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "shards" / "00000.tar").write_bytes(make_tar([good(f"{i:09d}", i) for i in range(5)]
+                                                            + [("000000009", {"jpg": b"", "txt": b"empty"})]))
+    out = subprocess.run([sys.executable, "jobs/check_data.py", "--source", str(tmp_path / "shards"),
+                          "--image-size", "32", "--errors", str(tmp_path / "errors"), "--num-cpus", "1",
+                          "data.process.num_image_tokens=4"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "data: 5 samples delivered, 1 skipped, from 1 units" in out.stdout
+    assert "skipped        1  empty" in out.stdout
+    assert read_errors(str(tmp_path / "errors"))[0]["key"] == "000000009"
+    bad = subprocess.run([sys.executable, "jobs/check_data.py", "--source", "x", "data.nope=1"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unknown config key" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_throughput_bench_runs_and_writes_its_table(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "bench/data_throughput.py", "--images", "24", "--cpus", "1",
+                          "--source-px", "96x64", "--size", "32", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "data_throughput.json").read_text())["rows"]
+    assert [r["path"].split(":")[0] for r in rows] == ["PIL loop (1 process)"] + ["pipeline"] * 3
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert "| PIL loop (1 process) | 1 |" in (tmp_path / "data_throughput.md").read_text()

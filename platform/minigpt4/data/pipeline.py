@@ -42,7 +42,7 @@ def unit_hash(unit_id: str) -> str:
 
 
 # -- the lazy unit listing ----------------------------------------------------------------------
-def _unit_datasource(source: SourceConfig, s3: uio.S3Options | None, shuffle_seed: int | None):
+def _unit_datasource(source: SourceConfig, s3: uio.S3Options | None, shuffle_seed: int | str | None):
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
@@ -122,14 +122,15 @@ def build_dataset(source: SourceConfig, process: ProcessConfig, *, errors: str |
     """The lazy Ray Dataset of processed rows of one source (see the module docstring).
 
     errors: where skipped samples are written (local dir or s3:// prefix); None only logs them.
-    shuffle_seed: shuffle unit order (windows of 1,000) — sample-level shuffling is the consumer's
-        `local_shuffle_buffer_size`.
+    shuffle_seed: shuffle unit order (windows of 1,000; a different order each epoch) — sample-level
+        shuffling is the consumer's `local_shuffle_buffer_size`.
     epoch: varies crops and instruction choices between epochs, reproducibly.
     """
     import ray.data
 
     # one read task; override_num_blocks=1 also stops Ray splitting its output into ~200 mostly empty blocks
-    listing = ray.data.read_datasource(_unit_datasource(source, s3, shuffle_seed), num_cpus=0, override_num_blocks=1)
+    order_seed = None if shuffle_seed is None else f"{shuffle_seed}.{epoch}"  # a new unit order each epoch
+    listing = ray.data.read_datasource(_unit_datasource(source, s3, order_seed), num_cpus=0, override_num_blocks=1)
     # Ray coalesces the read task's small blocks: re-split (streaming) so each unit is its own task
     listing = listing.repartition(target_num_rows_per_block=1)
     kwargs = dict(source=source, process=process, errors=errors, s3=s3, epoch=epoch, rows_per_block=rows_per_block)

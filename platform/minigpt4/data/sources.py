@@ -183,7 +183,7 @@ def iter_json_array(stream, field_name: str = "annotations", chunk: int = 1 << 1
 
 
 # -- units -------------------------------------------------------------------------------------
-def iter_units(source: SourceConfig, s3: uio.S3Options | None = None, shuffle_seed: int | None = None,
+def iter_units(source: SourceConfig, s3: uio.S3Options | None = None, shuffle_seed: int | str | None = None,
                window: int = 1000) -> Iterator[dict]:
     """The units of a source, lazily. With `shuffle_seed`, shuffled within windows of `window` units
     (memory stays bounded; the same seed gives the same order)."""
