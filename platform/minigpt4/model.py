@@ -52,6 +52,11 @@ class ModelConfig:
     quantize_llm: str = "none"
     """'none', '8bit' (LLM.int8) or '4bit' (NF4), through transformers' BitsAndBytesConfig."""
     train_llm: str = "none"
+    train_vision: bool = False
+    """Also train the ViT (+ ln_vision). Never for the real presets (MiniGPT-4 keeps it frozen); the tiny
+    preset's random encoder has to learn to see from scratch in the demo."""
+    train_qformer: bool = False
+    """Also train the Q-Former and its query tokens (same caveat)."""
     """'none' (MiniGPT-4: only llama_proj trains), 'full', or 'lora' (needs peft)."""
     lora_r: int = 64
     lora_alpha: int = 16
@@ -216,6 +221,11 @@ class MiniGPT4(nn.Module):
         """MiniGPT-4 freezes everything but llama_proj; cfg.train_llm adds the LLM (full) or LoRA adapters."""
         self.requires_grad_(False)
         self.llama_proj.requires_grad_(True)
+        if self.cfg.train_vision:
+            self.vision.requires_grad_(True)
+        if self.cfg.train_qformer and self.qformer is not None:
+            self.qformer.requires_grad_(True)
+            self.query_tokens.requires_grad_(True)
         if self.cfg.train_llm == "full":
             self.llm.requires_grad_(True)
         elif self.cfg.train_llm == "lora":
@@ -232,8 +242,9 @@ class MiniGPT4(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.vision.eval()
-        if self.qformer is not None:
+        if not self.cfg.train_vision:
+            self.vision.eval()
+        if self.qformer is not None and not self.cfg.train_qformer:
             self.qformer.eval()
         if self.cfg.train_llm == "none":
             self.llm.eval()
@@ -267,8 +278,10 @@ class MiniGPT4(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalized pixels -> (B, N, H) LLM-space image tokens (N = 32 or 64)."""
-        # The ViT and Q-Former are frozen in every MiniGPT-4 variant: no graph is kept for them.
-        with torch.no_grad(), self._autocast(DTYPES[self.cfg.vision_dtype]):
+        # The ViT and Q-Former are frozen in every MiniGPT-4 variant: no graph is kept for them
+        # (unless a from-scratch config trains them, see train_vision / train_qformer).
+        grad = torch.is_grad_enabled() and (self.cfg.train_vision or self.cfg.train_qformer)
+        with torch.set_grad_enabled(grad), self._autocast(DTYPES[self.cfg.vision_dtype]):
             # HF's post_layernorm is ln_vision; LayerNorm runs in fp32 under autocast, as LAVIS forces it
             image_embeds = self.vision(pixel_values=pixel_values).last_hidden_state  # (B, 257, 1408)
             if self.qformer is not None:

@@ -438,15 +438,25 @@ def load_hf_blip2(model: MiniGPT4, uri: str, strict: bool = True) -> LoadReport:
 
 # -- format 3: MiniGPT-4 checkpoint ----------------------------------------------------------------
 def _plan_minigpt4(plan: _Plan, state: dict[str, torch.Tensor]) -> None:
-    lora = plan.model.cfg.train_llm == "lora"
+    cfg = plan.model.cfg
+    lora = cfg.train_llm == "lora"
+    # parts a from-scratch config trains (the tiny demo model) are exported under our own names
+    own = [p for p, on in (("vision.", cfg.train_vision), ("qformer.", cfg.train_qformer),
+                           ("query_tokens", cfg.train_qformer), ("llm.", cfg.train_llm == "full")) if on]
+    present = set()
     for key, value in state.items():
         if key in ("llama_proj.weight", "llama_proj.bias"):
             plan.put(key, value, key)
         elif lora and key.startswith("llama_model.") and ".lora_" in key:
             plan.put(_lora_target(plan, key), value, key)
+        elif key in plan.params and any(key.startswith(p) for p in own):
+            plan.put(key, value, key)
+            present.add(next(p for p in own if key.startswith(p)))
         else:
             plan.unknown(key)
     plan.expect("llama_proj.")
+    for prefix in present:  # a file holding part of a trained module must hold all of it
+        plan.expect(prefix)
     if any(n.startswith("llm.") for n in plan.writes):  # a file with adapters must hold all of them
         plan.expected |= {n for n in plan.params if n.startswith("llm.") and ".lora_" in n}
 

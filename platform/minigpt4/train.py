@@ -1,0 +1,510 @@
+"""Both training stages on Ray Train + DeepSpeed, reading the Ray Data pipeline.
+
+    driver: run(job)  ->  TorchTrainer(train_loop, datasets={source: ds}, FailureConfig, CheckpointConfig)
+    worker: build the model (same seed on every rank) -> deepspeed.initialize(only trainable params
+            in the optimizer) -> Mixture over the sources' shards -> steps -> ray.train.report
+
+Precision: `bf16` / `fp32` run the frozen parts under autocast with fp32 master weights for what
+trains (MiniGPT-4's own AMP setup; DeepSpeed gets an fp32 config, so it neither casts the module nor
+keeps a second copy of a 3M-parameter state); `fp16` hands the module to DeepSpeed's fp16 mode with
+dynamic loss scaling.
+
+Checkpoints (every `checkpoint_every` steps and at the end, keep-last-N by Ray Train) hold only
+what trains, in safe formats: `trainable.safetensors` (fp32 master weights, gathered across ZeRO
+partitions), `optimizer-rank{r}.safetensors` (each rank's Adam state) and `state.json` (step, data
+epoch, world size, metrics history). Resuming restores weights and step always, and the Adam state
+when the world size and ZeRO stage match; the LR is a pure function of the step, so the schedule
+continues exactly. `export_pth` writes MiniGPT-4's `{"model": {...}}` .pth.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .data.pipeline import DataConfig
+from .model import ModelConfig, preset
+from .weights import WeightsConfig
+
+log = logging.getLogger(__name__)
+PRECISIONS = ("bf16", "fp16", "fp32")
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12, "V100": 125e12}
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 1
+    name: str = ""  # run name under storage_path; default pretrain / finetune
+    storage_path: str = "outputs"  # local dir or s3:// (checkpoints, metrics, exported .pth)
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    batch_size: int = 64  # per worker and micro-step
+    grad_accum: int = 1
+    epochs: int = 4
+    iters_per_epoch: int = 5000  # optimizer steps per epoch (MiniGPT-4 counts iterations, not passes)
+    init_lr: float = 1e-4
+    min_lr: float = 8e-5
+    warmup_lr: float = 1e-6
+    warmup_steps: int = 5000
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float = 0.0  # 0: off (the original does not clip)
+    precision: str = "bf16"
+    zero_stage: int = 2
+    seed: int = 42
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    max_failures: int = 3
+    shuffle_buffer: int = 0  # rows in each worker's local shuffle buffer
+    fail_at_step: int | None = None  # fault injection (tests): rank 1 dies once at this step
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.stage not in (1, 2):
+            raise ValueError(f"train.stage must be 1 or 2, got {self.stage}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"train.zero_stage must be 0..3, got {self.zero_stage}")
+        for k in ("num_workers", "batch_size", "grad_accum", "epochs", "iters_per_epoch", "log_every",
+                  "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"train.{k} must be >= 1, got {getattr(self, k)}")
+        self.name = self.name or ("pretrain" if self.stage == 1 else "finetune")
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.iters_per_epoch
+
+
+@dataclass
+class JobConfig:
+    model: dict = field(default_factory=lambda: {"preset": "tiny"})  # preset + ModelConfig overrides
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def model_config(self) -> ModelConfig:
+        spec = dict(self.model)
+        name = spec.pop("preset", "tiny")
+        cfg = preset(name, **spec)
+        if self.train.precision in ("bf16", "fp16") and cfg.name != "tiny":
+            cfg.llm_dtype = cfg.vision_dtype = self.train.precision
+        return cfg
+
+
+# -- schedule and optimizer ---------------------------------------------------------------------
+def lr_at(step: int, t: TrainConfig) -> float:
+    """LAVIS's linear_warmup_cosine_lr as MiniGPT-4 runs it: in epoch 0, linear from warmup_lr to
+    init_lr over warmup_steps; from epoch 1 on, cosine by *epoch* from init_lr towards min_lr.
+    `step` counts optimizer steps from 0."""
+    epoch, it = divmod(step, t.iters_per_epoch)
+    if epoch == 0:
+        return min(t.init_lr, t.warmup_lr + (t.init_lr - t.warmup_lr) * it / max(t.warmup_steps, 1))
+    return (t.init_lr - t.min_lr) * 0.5 * (1.0 + math.cos(math.pi * epoch / t.epochs)) + t.min_lr
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Trainable parameters only; no weight decay on biases, norms and other < 2-D tensors (LAVIS's rule)."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "bias" in n or "ln" in n or "norm" in n else decay).append(p)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay},
+                        {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+
+
+def deepspeed_config(t: TrainConfig) -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "zero_optimization": {"stage": t.zero_stage},
+        "zero_allow_untested_optimizer": True,  # our torch AdamW: no JIT-built fused op needed
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if t.clip_grad > 0:
+        cfg["gradient_clipping"] = t.clip_grad
+    if t.precision == "fp16":
+        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return cfg
+
+
+def flops_per_sample(cfg: ModelConfig, text_tokens: int) -> float:
+    """Rough training FLOPs per sample: frozen ViT + Q-Former forward (2N per token), LLM forward and
+    activation backward (4N per token: no weight gradients), plus 6N for what trains."""
+    counts = _part_counts(cfg)
+    v = cfg.vision
+    patches = (v.get("image_size", 224) // v.get("patch_size", 14)) ** 2 + 1
+    n_img = cfg.num_image_tokens
+    llm_tokens = n_img + text_tokens
+    trainable = counts["llama_proj"] * n_img
+    return (2 * counts["vision"] * patches + 2 * counts["qformer"] * n_img + 4 * counts["llm"] * llm_tokens
+            + 6 * trainable)
+
+
+def _part_counts(cfg: ModelConfig) -> dict:
+    from .model import build_model
+
+    m = build_model(cfg, device="meta")
+    return m.parameter_counts()
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+def _base_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's wrappers (it holds this rank's Adam state)."""
+    opt = engine.optimizer
+    while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+        opt = opt.optimizer
+    return opt
+
+
+def _full_weights(model) -> dict[str, torch.Tensor]:
+    """fp32 master weights of every trainable parameter, gathered across ZeRO partitions (collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            w = safe_get_full_fp32_param(p)
+            out[n] = (w if w is not None else p.detach()).float().cpu().contiguous()
+    return out
+
+
+def _flat_state(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for idx, st in opt.state_dict()["state"].items():
+        for k, v in st.items():
+            out[f"{idx}.{k}"] = (v if isinstance(v, torch.Tensor) else torch.tensor(v)).detach().cpu().contiguous()
+    return out
+
+
+def save_checkpoint(directory: str, engine, model, state: dict, rank: int, world: int, zero_stage: int) -> None:
+    """Collective. Rank 0 writes `trainable.safetensors` (full fp32 weights) and `state.json`; every
+    rank writes its own Adam state (`optimizer-rank{r}.safetensors`: its ZeRO partition, or the whole
+    state without ZeRO). Ray Train gathers all ranks' files into one checkpoint directory."""
+    from safetensors.torch import save_file
+
+    weights = _full_weights(model)
+    save_file(_flat_state(_base_optimizer(engine)), os.path.join(directory, f"optimizer-rank{rank}.safetensors"))
+    if rank == 0:
+        save_file(weights, os.path.join(directory, "trainable.safetensors"))
+        with open(os.path.join(directory, "state.json"), "w") as f:
+            json.dump({**state, "world_size": world, "zero_stage": zero_stage}, f)
+
+
+def load_checkpoint(directory: str, engine, model, rank: int, world: int, zero_stage: int) -> dict:
+    """Restore weights (module and ZeRO fp32 masters) and, when the partitioning matches, this rank's
+    Adam state; returns state.json. Only safetensors and JSON are read."""
+    from deepspeed.utils import safe_set_full_fp32_param
+    from safetensors.torch import load_file
+
+    state = json.loads(Path(directory, "state.json").read_text())
+    weights = load_file(os.path.join(directory, "trainable.safetensors"))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    if names != set(weights):
+        raise ValueError(f"checkpoint {directory} does not match the model's trainable parameters: missing "
+                         f"{sorted(names - set(weights))[:5]}, unexpected {sorted(set(weights) - names)[:5]}")
+    for n, p in model.named_parameters():
+        if n in names:
+            with torch.no_grad():
+                p.copy_(weights[n].to(p.device, p.dtype))
+            if hasattr(p, "_hp_mapping") or hasattr(p, "ds_id"):
+                safe_set_full_fp32_param(p, weights[n].to(p.device))
+    opt_path = os.path.join(directory, f"optimizer-rank{rank}.safetensors")
+    if state.get("world_size") == world and state.get("zero_stage") == zero_stage and os.path.exists(opt_path):
+        flat = load_file(opt_path)
+        opt = _base_optimizer(engine)
+        sd = opt.state_dict()
+        restored: dict[int, dict] = {}
+        for key, v in flat.items():
+            idx, k = key.split(".", 1)
+            restored.setdefault(int(idx), {})[k] = v
+        sd["state"] = restored
+        opt.load_state_dict(sd)
+    else:
+        log.warning("checkpoint was written by %s workers with ZeRO-%s, this run has %d with ZeRO-%d: weights and "
+                    "step restored, Adam moments start fresh", state.get("world_size"), state.get("zero_stage"),
+                    world, zero_stage)
+    return state
+
+
+def export_pth(checkpoint_dir: str, out_path: str) -> str:
+    """MiniGPT-4's checkpoint format: torch.save({"model": {"llama_proj.weight", "llama_proj.bias", ...}}),
+    readable by our loader (`WeightsConfig.minigpt4`), the Serve app and the original repo."""
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(checkpoint_dir, "trainable.safetensors"))
+    # LoRA adapters go under the original's `llama_model.` prefix; llama_proj keeps its name
+    weights = {("llama_model." + k[4:] if k.startswith("llm.") and ".lora_" in k else k): v for k, v in weights.items()}
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": weights}, out_path)
+    return out_path
+
+
+# -- the worker loop ------------------------------------------------------------------------------
+def train_loop(config: dict) -> None:
+    import importlib
+
+    import ray.train
+
+    from .config import from_dict
+    from .data.pipeline import Mixture, TrainingCollator
+    from .weights import load_pretrained
+
+    job = from_dict(JobConfig, config["job"])
+    t = job.train
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if t.use_gpu else "cpu")
+    # DeepSpeed would JIT-build a C++ all-reduce for CPU runs (~40 s); gloo is used either way
+    importlib.import_module("deepspeed.ops").__compatible_ops__["deepspeed_shm_comm"] = False
+    import deepspeed
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    cfg = job.model_config()
+    torch.manual_seed(t.seed)  # the same random init on every rank
+    model, tokenizer, _ = load_pretrained(cfg, job.weights, device=device)
+    model.set_trainable()
+    model.train()
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=lr_at(0, t), betas=tuple(t.betas))
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(t),
+                                                   dist_init_required=False)
+    step, data_epoch, history = 0, 0, []
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = load_checkpoint(d, engine, model, rank, world, t.zero_stage)
+        step, history = state["step"], state.get("history", [])
+        data_epoch = state.get("data_epoch", 0) + 1  # a fresh unit order: the resumed run does not replay sample 0..
+        if rank == 0:
+            print(f"[train] resumed from step {step} (lr {lr_at(step, t):.3e})", flush=True)
+    torch.manual_seed(t.seed * 1000 + rank + step)
+
+    collate = TrainingCollator(tokenizer.pad_token_id)
+
+    def open_stream(name: str, epoch: int):
+        return ray.train.get_dataset_shard(name).iter_torch_batches(
+            batch_size=t.batch_size, collate_fn=collate, drop_last=True,
+            local_shuffle_buffer_size=t.shuffle_buffer or None, local_shuffle_seed=t.seed + epoch if t.shuffle_buffer else None)
+
+    mixture = Mixture(open_stream, job.data.ratios, seed=t.seed + data_epoch)
+    peak = peak_flops(device)
+    fps_cache: dict[int, float] = {}
+    window = {"samples": 0, "tokens": 0, "flops": 0.0, "loss": 0.0, "n": 0, "t": time.perf_counter()}
+    storage_marker = os.path.join(config["marker_dir"], "fault_injected") if config.get("marker_dir") else None
+
+    while step < t.total_steps:
+        lr = lr_at(step, t)
+        for g in _base_optimizer(engine).param_groups:
+            g["lr"] = lr
+        for _ in range(t.grad_accum):
+            _, batch = next(mixture)
+            batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"], pixel_values=batch["pixel_values"])
+            engine.backward(out.loss)
+            engine.step()
+            n_text = int(batch["attention_mask"].sum()) - int((batch["input_ids"] == -200).sum())
+            bsz = batch["input_ids"].shape[0]
+            window["samples"] += bsz
+            window["tokens"] += int(batch["attention_mask"].sum())
+            per = n_text // max(bsz, 1)
+            if per not in fps_cache:
+                fps_cache[per] = flops_per_sample(cfg, per)
+            window["flops"] += fps_cache[per] * bsz
+            window["loss"] += float(out.loss.detach())
+            window["n"] += 1
+        step += 1
+        if t.fail_at_step is not None and step == t.fail_at_step and rank == world - 1 and storage_marker \
+                and not os.path.exists(storage_marker):
+            Path(storage_marker).parent.mkdir(parents=True, exist_ok=True)
+            Path(storage_marker).write_text(str(step))
+            print(f"[train] fault injection: rank {rank} exits at step {step}", flush=True)
+            os._exit(1)
+        last = step == t.total_steps
+        if step % t.log_every == 0 or last:
+            dt = time.perf_counter() - window["t"]
+            metrics = {"step": step, "epoch": (step - 1) // t.iters_per_epoch, "loss": window["loss"] / window["n"],
+                       "lr": lr, "samples_per_s": window["samples"] * world / dt,
+                       "tokens_per_s": window["tokens"] * world / dt}
+            metrics["mfu"] = (window["flops"] / dt / peak) if peak else None
+            metrics["gpu_mem_gb"] = (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None
+            history.append(metrics)
+            if rank == 0:
+                print("[train] " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                            for k, v in metrics.items() if v is not None), flush=True)
+            window = {"samples": 0, "tokens": 0, "flops": 0.0, "loss": 0.0, "n": 0, "t": time.perf_counter()}
+        if step % t.checkpoint_every == 0 or last:
+            with tempfile.TemporaryDirectory() as d:
+                save_checkpoint(d, engine, model, {"step": step, "data_epoch": data_epoch, "history": history}, rank,
+                                world, t.zero_stage)
+                ray.train.report(history[-1] if history else {"step": step},
+                                 checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+# -- the driver -----------------------------------------------------------------------------------
+def run(job: JobConfig, *, runtime_env: dict | None = None):
+    """Fit on the current Ray cluster (ray.init already called); returns ray.train.Result."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from .config import to_dict
+    from .data.process import ProcessConfig
+
+    t = job.train
+    cfg = job.model_config()
+    task = "stage1" if t.stage == 1 else "stage2"
+    import dataclasses
+
+    process = dataclasses.replace(job.data.process, task=task, image_size=cfg.image_size,
+                                  num_image_tokens=cfg.num_image_tokens, template=cfg.template,
+                                  tokenizer=job.data.process.tokenizer or job.weights.tokenizer or job.weights.llm)
+    if job.data.errors is None:
+        job.data.errors = f"{t.storage_path.rstrip('/')}/{t.name}/data_errors"
+    datasets = job.data.datasets(process)
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = t.gpus_per_worker
+    run_dir = f"{t.storage_path.rstrip('/')}/{t.name}"
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"job": to_dict(job), "marker_dir": run_dir if not run_dir.startswith("s3://") else None},
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=t.name, storage_path=_storage_path(t.storage_path),
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=t.keep_checkpoints)),
+        datasets=datasets)
+    return trainer.fit()
+
+
+def _storage_path(path: str) -> str:
+    return path if path.startswith("s3://") else str(Path(path).resolve())
+
+
+# -- command line (jobs/pretrain.py, jobs/finetune.py) --------------------------------------------------
+def embedded_job(stage: int, embedded, storage_path: str = "outputs/embedded") -> dict:
+    """The embedded default: the tiny preset learning the synthetic scenes from the local S3 server on
+    a local Ray cluster. The tiny model's ViT, Q-Former and LLM are random, not pretrained, so it
+    trains them too (the real presets keep MiniGPT-4's freezing)."""
+    model = {"preset": "tiny", "train_vision": True, "train_qformer": True, "train_llm": "full"}
+    if stage == 1:
+        source = {"path": embedded.pretrain, "name": "synthetic_pretrain"}
+        train = dict(stage=1, epochs=2, iters_per_epoch=100, init_lr=3e-3, min_lr=1e-3, warmup_lr=1e-4,
+                     warmup_steps=20, weight_decay=0.0)
+        weights = {}
+    else:
+        source = {"path": embedded.align, "format": "cc_sbu_align", "name": "synthetic_align"}
+        train = dict(stage=2, epochs=2, iters_per_epoch=50, init_lr=1e-3, min_lr=3e-4, warmup_lr=1e-4,
+                     warmup_steps=10, weight_decay=0.0)
+        weights = {"minigpt4": f"{storage_path}/pretrain/minigpt4_stage1.pth"}
+    train.update(num_workers=2, cpus_per_worker=0.5, batch_size=32, precision="fp32", zero_stage=2,
+                 checkpoint_every=50, log_every=10, storage_path=storage_path, shuffle_buffer=256)
+    return {"model": model, "weights": weights, "train": train,
+            "data": {"sources": [source], "errors": f"{storage_path}/{'pretrain' if stage == 1 else 'finetune'}/data_errors"}}
+
+
+def main(stage: int, argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    import yaml
+
+    from .config import ConfigError, apply_overrides, from_dict
+
+    what = "pretrain (stage 1)" if stage == 1 else "finetune (stage 2)"
+    ap = argparse.ArgumentParser(description=f"MiniGPT-4 {what} on Ray Train + DeepSpeed")
+    ap.add_argument("--config", help="job YAML (model, weights, data, train); none: the embedded default")
+    ap.add_argument("--address", default=None, help="Ray address (default: running cluster, else local)")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.num_workers=16")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    embedded, runtime_env = None, None
+    try:
+        if args.config:
+            data = yaml.safe_load(Path(args.config).read_text()) or {}
+        else:
+            from .embedded import start_embedded
+
+            print(f"[{what}] no --config: the embedded default (tiny model, synthetic data on a local S3 server)")
+            embedded = start_embedded(progress=False)
+            runtime_env = {"env_vars": embedded.env}
+            data = embedded_job(stage, embedded)
+        data.setdefault("train", {})["stage"] = stage
+        job = from_dict(JobConfig, apply_overrides(data, args.overrides))
+        job.model_config()
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        if embedded:
+            embedded.stop()
+        return 2
+
+    import ray
+
+    ray.init(address=args.address, runtime_env=runtime_env, include_dashboard=False)
+    t0 = time.time()
+    try:
+        result = run(job)
+        out = finish(job, result)
+    finally:
+        ray.shutdown()
+        if embedded:
+            embedded.stop()
+    print(f"[{what}] done in {time.time() - t0:.1f}s: {json.dumps(out)}")
+    return 0
+
+
+def finish(job: JobConfig, result) -> dict:
+    """After fit: export the .pth, draw the curves, print the data report."""
+    from .data.pipeline import summarize
+
+    t = job.train
+    out: dict = {"checkpoint": None}
+    if result.checkpoint is None:
+        return out
+    run_dir = f"{t.storage_path.rstrip('/')}/{t.name}"
+    pth = f"{run_dir}/minigpt4_stage{t.stage}.pth"
+    with result.checkpoint.as_directory() as d:
+        state = json.loads(Path(d, "state.json").read_text())
+        if run_dir.startswith("s3://"):
+            from .data import io as uio
+
+            with tempfile.TemporaryDirectory() as tmp:
+                local = export_pth(d, f"{tmp}/x.pth")
+                uio.write_bytes(pth, Path(local).read_bytes())
+        else:
+            export_pth(d, pth)
+    history = state.get("history", [])
+    if history and not run_dir.startswith("s3://"):
+        from .plots import plot_curves
+
+        plot_curves(history, f"{run_dir}/curves.png", title=f"{t.name}: stage {t.stage}")
+        Path(run_dir, "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+        out["curves"] = f"{run_dir}/curves.png"
+    out.update(checkpoint=result.checkpoint.path, pth=pth, step=state["step"],
+               final_loss=history[-1]["loss"] if history else None)
+    if job.data.errors:
+        print(summarize(job.data.errors, job.data.s3).format())
+    return out

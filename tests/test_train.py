@@ -1,0 +1,122 @@
+"""Training on Ray Train + DeepSpeed (2 CPU workers, ZeRO-2, gloo) from the local S3 server."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt4.config import from_dict
+from minigpt4.train import JobConfig, TrainConfig, deepspeed_config, export_pth, lr_at, param_groups, run
+
+
+def test_lr_schedule_is_minigpt4s_linear_warmup_cosine():
+    t = TrainConfig(epochs=4, iters_per_epoch=5000, init_lr=1e-4, min_lr=8e-5, warmup_lr=1e-6, warmup_steps=5000)
+    assert lr_at(0, t) == pytest.approx(1e-6)
+    assert lr_at(2500, t) == pytest.approx(1e-6 + (1e-4 - 1e-6) * 0.5)
+    assert lr_at(4999, t) == pytest.approx(1e-6 + (1e-4 - 1e-6) * 4999 / 5000)
+    # from epoch 1 on: cosine by epoch, constant within an epoch
+    for epoch in (1, 2, 3):
+        want = (1e-4 - 8e-5) * 0.5 * (1 + math.cos(math.pi * epoch / 4)) + 8e-5
+        assert lr_at(epoch * 5000, t) == pytest.approx(want) == lr_at(epoch * 5000 + 4999, t)
+    short = TrainConfig(epochs=5, iters_per_epoch=200, init_lr=3e-5, min_lr=1e-5, warmup_lr=1e-6, warmup_steps=100)
+    assert lr_at(150, short) == pytest.approx(3e-5)  # warmup over, still epoch 0
+
+
+def test_only_trainable_parameters_reach_the_optimizer_with_lavis_decay_rule():
+    from minigpt4.model import build_model, preset
+
+    m = build_model(preset("tiny"))
+    m.set_trainable()
+    groups = param_groups(m, 0.05)
+    assert [g["weight_decay"] for g in groups] == [0.05, 0.0]
+    assert [p.shape for p in groups[0]["params"]] == [m.llama_proj.weight.shape]
+    assert [p.shape for p in groups[1]["params"]] == [m.llama_proj.bias.shape]
+    cfg = deepspeed_config(TrainConfig(zero_stage=2, grad_accum=4, clip_grad=1.0, precision="fp16", batch_size=8))
+    assert cfg["zero_optimization"] == {"stage": 2} and cfg["gradient_accumulation_steps"] == 4
+    assert cfg["gradient_clipping"] == 1.0 and cfg["fp16"]["enabled"] and cfg["train_micro_batch_size_per_gpu"] == 8
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="int8")
+
+
+def _job(embedded_s3, storage: Path, **train) -> JobConfig:
+    pattern = embedded_s3
+    t = dict(stage=1, num_workers=2, cpus_per_worker=0.5, batch_size=8, epochs=2, iters_per_epoch=6,
+             init_lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=3, precision="fp32", zero_stage=2,
+             checkpoint_every=4, log_every=2, storage_path=str(storage), max_failures=2)
+    t.update(train)
+    return from_dict(JobConfig, {"model": {"preset": "tiny"}, "train": t,
+                                 "data": {"sources": [{"path": pattern, "name": "syn"}],
+                                          "errors": str(storage / "errors")}})
+
+
+@pytest.fixture(scope="module")
+def synthetic_shards(ray_cluster, s3_endpoint):
+    import boto3
+
+    from minigpt4.synthetic import write_dataset
+
+    boto3.client("s3").create_bucket(Bucket="train-data")
+    write_dataset("s3://train-data/syn", seed=1, train_shards=4, samples_per_shard=24, align_samples=8,
+                  heldout_samples=4, image_size=32, progress=False)
+    return "s3://train-data/syn/pretrain/{00000..00003}.tar"
+
+
+def _ckpt_state(result) -> tuple[dict, dict, list[str]]:
+    from safetensors.torch import load_file
+
+    with result.checkpoint.as_directory() as d:
+        files = sorted(p.name for p in Path(d).iterdir())
+        return json.loads(Path(d, "state.json").read_text()), load_file(str(Path(d, "trainable.safetensors"))), files
+
+
+def test_two_worker_zero2_run_checkpoints_resumes_and_survives_a_killed_worker(synthetic_shards, tmp_path):
+    # 1. uninterrupted: 12 steps, checkpoints at 4, 8, 12
+    base = run(_job(synthetic_shards, tmp_path / "a"))
+    state, weights, files = _ckpt_state(base)
+    assert state["step"] == 12 and state["world_size"] == 2 and state["zero_stage"] == 2
+    assert files == ["optimizer-rank0.safetensors", "optimizer-rank1.safetensors", "state.json",
+                     "trainable.safetensors"]
+    assert sorted(weights) == ["llama_proj.bias", "llama_proj.weight"]  # only what trains
+    assert weights["llama_proj.weight"].shape == (64, 32) and weights["llama_proj.weight"].dtype == torch.float32
+    lr_a = {h["step"]: h["lr"] for h in state["history"]}
+    assert all(math.isfinite(h["loss"]) and h["samples_per_s"] > 0 for h in state["history"])
+
+    # 2. rank 1 is killed at step 6: Ray Train restarts the workers from the step-4 checkpoint and finishes
+    killed = run(_job(synthetic_shards, tmp_path / "b", fail_at_step=6))
+    assert (tmp_path / "b" / "pretrain" / "fault_injected").read_text() == "6"
+    state_b, weights_b, _ = _ckpt_state(killed)
+    assert state_b["step"] == 12
+    steps = [h["step"] for h in state_b["history"]]
+    assert steps[:2] == [2, 4] and steps[2] == 6 and steps[-1] == 12  # resumed at 5 after the step-4 checkpoint
+    assert {h["step"]: h["lr"] for h in state_b["history"]} == lr_a  # the same LR at every step
+
+    # 3. rerunning the finished job with a longer schedule continues from step 12, not from 0
+    longer = run(_job(synthetic_shards, tmp_path / "a", epochs=3))
+    state_c, weights_c, _ = _ckpt_state(longer)
+    assert state_c["step"] == 18
+    after = [h for h in state_c["history"] if h["step"] > 12]
+    assert [h["step"] for h in after] == [14, 16, 18]
+    assert after[0]["lr"] == pytest.approx(lr_at(13, _job(synthetic_shards, tmp_path, epochs=3).train))
+    assert not torch.equal(weights_c["llama_proj.weight"], weights["llama_proj.weight"])
+
+    # 4. the exported .pth loads back into the model and gives identical logits
+    from minigpt4.model import build_model, preset
+    from minigpt4.weights import load_minigpt4
+
+    with longer.checkpoint.as_directory() as d:
+        pth = export_pth(d, str(tmp_path / "stage1.pth"))
+    exported = torch.load(pth, weights_only=True)
+    assert sorted(exported["model"]) == ["llama_proj.bias", "llama_proj.weight"]
+    torch.manual_seed(42)
+    trained = build_model(preset("tiny"))
+    trained.llama_proj.load_state_dict({k.split(".", 1)[1]: v for k, v in weights_c.items()})
+    torch.manual_seed(42)
+    reloaded = build_model(preset("tiny"))
+    report = load_minigpt4(reloaded, pth)
+    assert sorted(report.loaded) == ["llama_proj.bias", "llama_proj.weight"]
+    ids = torch.tensor([[1] + [-200] * 4 + [300, 301, 302]])
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(1, 3, 32, 32))
+    assert torch.equal(trained.eval()(**batch).logits, reloaded.eval()(**batch).logits)
