@@ -120,3 +120,20 @@ def test_two_worker_zero2_run_checkpoints_resumes_and_survives_a_killed_worker(s
     ids = torch.tensor([[1] + [-200] * 4 + [300, 301, 302]])
     batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(1, 3, 32, 32))
     assert torch.equal(trained.eval()(**batch).logits, reloaded.eval()(**batch).logits)
+
+
+def test_job_cli_rejects_bad_config_before_starting_ray(tmp_path):
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("model: {preset: tiny}\nweights: {minigpt4: missing/stage1.pth}\n"
+                   "data: {sources: [{path: 's3://b/{0..1}.tar'}]}\n")
+    out = subprocess.run([sys.executable, str(root / "jobs/finetune.py"), "--config", str(cfg)],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and "weights.minigpt4: missing/stage1.pth does not exist (run jobs/pretrain.py first)" \
+        in out.stderr and "Traceback" not in out.stderr
+    out = subprocess.run([sys.executable, str(root / "jobs/pretrain.py"), "--config", str(cfg), "train.precision=int4"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2 and "precision" in out.stderr and "Traceback" not in out.stderr

@@ -18,7 +18,7 @@ def plot_curves(history: list[dict], path: str, title: str = "", keys: tuple[str
         top = 30 + i * panel_h
         box = (pad, top + 10, w - 20, top + panel_h - 30)
         draw.rectangle(box, outline="black")
-        draw.text((8, top + 10), key, fill="black")
+        draw.text((box[0] + 6, box[1] + 4), key, fill="black")
         if not pts:
             continue
         x0, x1 = min(steps), max(max(steps), min(steps) + 1)

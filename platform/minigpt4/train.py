@@ -455,6 +455,15 @@ def main(stage: int, argv: list[str] | None = None) -> int:
         data.setdefault("train", {})["stage"] = stage
         job = from_dict(JobConfig, apply_overrides(data, args.overrides))
         job.model_config()
+        for part, uri in vars(job.weights).items():  # fail here, not inside every worker
+            if isinstance(uri, str) and uri and not uri.startswith("s3://"):
+                if not Path(uri).exists():
+                    hint = " (run jobs/pretrain.py first)" if part == "minigpt4" and stage == 2 else ""
+                    raise ValueError(f"weights.{part}: {uri} does not exist{hint}")
+                setattr(job.weights, part, str(Path(uri).resolve()))  # workers run in another directory
+        job.train.storage_path = _storage_path(job.train.storage_path)
+        if job.data.errors and not job.data.errors.startswith("s3://"):
+            job.data.errors = str(Path(job.data.errors).resolve())
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         if embedded:
