@@ -413,3 +413,21 @@ def test_throughput_bench_runs_and_writes_its_table(tmp_path):
     assert [r["path"].split(":")[0] for r in rows] == ["PIL loop (1 process)"] + ["pipeline"] * 3
     assert all(r["images_per_s"] > 0 for r in rows)
     assert "| PIL loop (1 process) | 1 |" in (tmp_path / "data_throughput.md").read_text()
+
+
+def test_tokenizer_from_an_s3_llm_directory_fetches_only_tokenizer_files(s3_bucket, tiny_tokenizer):
+    from pathlib import Path
+
+    from minigpt4.data.process import _tokenizer
+    from minigpt4.tokenizer import load_tokenizer
+
+    src = Path(load_tokenizer().name_or_path)
+    for f in src.iterdir():
+        put(f"s3://{s3_bucket}/llm/{f.name}", f.read_bytes())
+    put(f"s3://{s3_bucket}/llm/model-00001-of-00002.safetensors", b"big weights stay in S3")
+    tok = _tokenizer(f"s3://{s3_bucket}/llm/")
+    assert tok("a red circle").input_ids == tiny_tokenizer("a red circle").input_ids
+    cached = Path(tok.name_or_path)
+    assert not (cached / "model-00001-of-00002.safetensors").exists()
+    with pytest.raises(FileNotFoundError, match="no tokenizer files"):
+        _tokenizer(f"s3://{s3_bucket}/nothing-here/")

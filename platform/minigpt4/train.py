@@ -140,10 +140,11 @@ def deepspeed_config(t: TrainConfig) -> dict:
     return cfg
 
 
-def flops_per_sample(cfg: ModelConfig, text_tokens: int) -> float:
+def flops_per_sample(cfg: ModelConfig, text_tokens: int, counts: dict | None = None) -> float:
     """Rough training FLOPs per sample: frozen ViT + Q-Former forward (2N per token), LLM forward and
-    activation backward (4N per token: no weight gradients), plus 6N for what trains."""
-    counts = _part_counts(cfg)
+    activation backward (4N per token: no weight gradients), plus 6N for what trains.
+    `counts`: `MiniGPT4.parameter_counts()` (built on the meta device when not given)."""
+    counts = counts or _part_counts(cfg)
     v = cfg.vision
     patches = (v.get("image_size", 224) // v.get("patch_size", 14)) ** 2 + 1
     n_img = cfg.num_image_tokens
@@ -309,7 +310,7 @@ def train_loop(config: dict) -> None:
 
     mixture = Mixture(open_stream, job.data.ratios, seed=t.seed + data_epoch)
     peak = peak_flops(device)
-    fps_cache: dict[int, float] = {}
+    counts = model.parameter_counts()
     window = {"samples": 0, "tokens": 0, "flops": 0.0, "loss": 0.0, "n": 0, "t": time.perf_counter()}
     storage_marker = os.path.join(config["marker_dir"], "fault_injected") if config.get("marker_dir") else None
 
@@ -328,10 +329,7 @@ def train_loop(config: dict) -> None:
             bsz = batch["input_ids"].shape[0]
             window["samples"] += bsz
             window["tokens"] += int(batch["attention_mask"].sum())
-            per = n_text // max(bsz, 1)
-            if per not in fps_cache:
-                fps_cache[per] = flops_per_sample(cfg, per)
-            window["flops"] += fps_cache[per] * bsz
+            window["flops"] += flops_per_sample(cfg, n_text // max(bsz, 1), counts) * bsz
             window["loss"] += float(out.loss.detach())
             window["n"] += 1
         step += 1
@@ -506,11 +504,14 @@ def finish(job: JobConfig, result) -> dict:
         else:
             export_pth(d, pth)
     history = state.get("history", [])
-    if history and not run_dir.startswith("s3://"):
+    if history:
+        from .data import io as uio
         from .plots import plot_curves
 
-        plot_curves(history, f"{run_dir}/curves.png", title=f"{t.name}: stage {t.stage}")
-        Path(run_dir, "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+        with tempfile.TemporaryDirectory() as tmp:
+            png = plot_curves(history, f"{tmp}/curves.png", title=f"{t.name}: stage {t.stage}")
+            uio.write_bytes(f"{run_dir}/curves.png", Path(png).read_bytes())
+        uio.write_bytes(f"{run_dir}/metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
         out["curves"] = f"{run_dir}/curves.png"
     out.update(checkpoint=result.checkpoint.path, pth=pth, step=state["step"],
                final_loss=history[-1]["loss"] if history else None)

@@ -90,14 +90,30 @@ class ProcessConfig:
         return self.task != "caption"
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
 @functools.lru_cache(maxsize=4)
 def _tokenizer(path: str | None):
+    """The tokenizer at a local directory or an s3:// prefix (an LLM directory is fine: only the
+    tokenizer files are fetched, not the weights)."""
     from ..tokenizer import load_tokenizer
 
     if path and path.startswith("s3://"):
         from ..storage import resolve
+        from .io import ObjectError, exists
 
-        path = str(resolve(path if path.endswith("/") else path + "/"))
+        local = None
+        for name in TOKENIZER_FILES:
+            uri = path.rstrip("/") + "/" + name
+            try:
+                if exists(uri):
+                    local = resolve(uri).parent
+            except ObjectError:
+                continue
+        if local is None:
+            raise FileNotFoundError(f"no tokenizer files ({', '.join(TOKENIZER_FILES)}) under {path}")
+        path = str(local)
     return load_tokenizer(path)
 
 
