@@ -37,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parquet-shards", type=int, default=0, help="extra stage-1 shards as key/jpg/caption parquet")
     p.add_argument("--local-s3", action="store_true", help="write into a local S3 server and keep serving it")
     p.add_argument("--local-s3-port", type=int, default=0, help="its port (default: a free one)")
+    p.add_argument("--shapes", type=int, choices=[1, 2], default=None,
+                   help="shapes per scene (default: mixed, a fifth with one)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = write_dataset(out, seed=args.seed, train_shards=args.train_shards,
                                 samples_per_shard=args.samples_per_shard, align_samples=args.align,
                                 heldout_samples=args.heldout, image_size=args.image_size,
-                                parquet_shards=args.parquet_shards, s3=options, progress=not args.no_progress)
+                                parquet_shards=args.parquet_shards, s3=options, progress=not args.no_progress,
+                                shapes=args.shapes)
         c = summary["counts"]
         print(f"wrote {summary['files']} files ({summary['bytes'] / 1e6:.1f} MB) to {out}: {c['pretrain']} pretrain "
               f"(tar) + {c['pretrain_parquet']} pretrain (parquet), {c['align']} align, {c['heldout']} held-out "

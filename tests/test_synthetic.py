@@ -205,3 +205,16 @@ def test_job_local_s3_serves_until_interrupted():
             proc.kill()
         proc.stdout.close()
         proc.stderr.close()
+
+
+def test_shapes_option_fixes_the_number_of_shapes(tmp_path):
+    import json
+
+    from minigpt4.synthetic import write_dataset
+
+    write_dataset(str(tmp_path / "one"), seed=0, train_shards=0, align_samples=0, heldout_samples=12, image_size=16,
+                  shapes=1, progress=False)
+    ann = json.loads((tmp_path / "one" / "heldout" / "annotations.json").read_text())
+    assert len(ann["objects"]) == 12  # one object per image
+    with pytest.raises(ValueError, match="shapes must be"):
+        write_dataset(str(tmp_path / "x"), shapes=3, progress=False)

@@ -114,8 +114,10 @@ STATS_TIME = 0.0  # img2dataset's start/end_time, fixed so that the same seed gi
 _ONE_SHAPE_P = 0.2  # share of scenes with a single shape; the rest have two and a spatial relation
 
 
-def _draw(rng: random.Random) -> Scene:
-    return random_scene(rng, 1 if rng.random() < _ONE_SHAPE_P else 2)
+def _draw(rng: random.Random, shapes: int | None = None) -> Scene:
+    """shapes: 1 or 2 shapes in every scene; None mixes them (a fifth with one shape)."""
+    n = 1 if rng.random() < _ONE_SHAPE_P else 2
+    return random_scene(rng, shapes or n)
 
 
 def _jpeg(scene: Scene, size: int) -> bytes:
@@ -188,7 +190,8 @@ class _Output:
 
 def write_dataset(out: str, *, seed: int = 0, train_shards: int = 4, samples_per_shard: int = 64,
                   align_samples: int = 64, heldout_samples: int = 64, image_size: int = 224,
-                  parquet_shards: int = 0, s3: S3Options | None = None, progress: bool = True) -> dict:
+                  parquet_shards: int = 0, s3: S3Options | None = None, progress: bool = True,
+                  shapes: int | None = None) -> dict:
     """Write a synthetic pretrain / align / held-out dataset to a local dir or an s3:// prefix.
 
     Every sample draws from its own RNG, seeded from (seed, split, index), so a seed always gives
@@ -206,6 +209,8 @@ def write_dataset(out: str, *, seed: int = 0, train_shards: int = 4, samples_per
         raise ValueError(f"at most 99999 shards in all, got {train_shards} + {parquet_shards}")
     if heldout_samples > 999999:
         raise ValueError(f"heldout_samples must be <= 999999, got {heldout_samples}")
+    if shapes not in (None, 1, 2):
+        raise ValueError(f"shapes must be 1, 2 or None (mixed), got {shapes}")
     if image_size < 8:
         raise ValueError(f"image_size must be >= 8, got {image_size}")
     # imported here: scenes and render() stay usable without the data package's dependencies
@@ -226,7 +231,7 @@ def write_dataset(out: str, *, seed: int = 0, train_shards: int = 4, samples_per
         members, rows = [], {"key": [], "caption": [], "status": [], "width": [], "height": []}
         for i in range(samples_per_shard):
             key = f"{shard:05d}{i:04d}"
-            scene = _draw(random.Random(f"{seed}:pretrain:{key}"))
+            scene = _draw(random.Random(f"{seed}:pretrain:{key}"), shapes)
             seen.add(scene)
             caption = scene.caption()
             meta = {"key": key, "caption": caption, "status": "success", "width": image_size, "height": image_size,
@@ -251,7 +256,7 @@ def write_dataset(out: str, *, seed: int = 0, train_shards: int = 4, samples_per
         for i in range(samples_per_shard):
             # keys continue the tar shards' numbering so the two stage-1 sources can be mixed
             key = f"{train_shards + part:05d}{i:04d}"
-            scene = _draw(random.Random(f"{seed}:pretrain_parquet:{part}:{i}"))
+            scene = _draw(random.Random(f"{seed}:pretrain_parquet:{part}:{i}"), shapes)
             seen.add(scene)
             rows["key"].append(key)
             rows["jpg"].append(_jpeg(scene, image_size))
@@ -263,7 +268,7 @@ def write_dataset(out: str, *, seed: int = 0, train_shards: int = 4, samples_per
     annotations = []
     for i in range(align_samples):
         image_id = str(i)
-        scene = _draw(random.Random(f"{seed}:align:{i}"))
+        scene = _draw(random.Random(f"{seed}:align:{i}"), shapes)
         seen.add(scene)
         dst.put(f"align/image/{image_id}.jpg", _jpeg(scene, image_size))
         annotations.append({"image_id": image_id, "caption": scene.description()})
@@ -275,9 +280,9 @@ def write_dataset(out: str, *, seed: int = 0, train_shards: int = 4, samples_per
     for i in range(heldout_samples):
         key = f"h{i:06d}"
         rng = random.Random(f"{seed}:heldout:{i}")
-        scene = _draw(rng)
+        scene = _draw(rng, shapes)
         while scene in seen:  # never evaluate on a training image
-            scene = _draw(rng)
+            scene = _draw(rng, shapes)
         dst.put(f"heldout/images/{key}.jpg", _jpeg(scene, image_size))
         held["images"].append({"id": key, "file_name": f"images/{key}.jpg", "width": image_size,
                                "height": image_size})
@@ -294,6 +299,7 @@ def write_dataset(out: str, *, seed: int = 0, train_shards: int = 4, samples_per
     counts = {"pretrain": train_shards * samples_per_shard, "pretrain_parquet": parquet_shards * samples_per_shard,
               "align": align_samples, "heldout": heldout_samples}
     manifest = {"generator": "minigpt4.synthetic.write_dataset", "seed": seed, "image_size": image_size,
+                "shapes": shapes,
                 "samples_per_shard": samples_per_shard,
                 "shards": {"pretrain": train_shards, "pretrain_parquet": parquet_shards},
                 "counts": counts, "files": sorted(dst.files)}
