@@ -431,3 +431,14 @@ def test_tokenizer_from_an_s3_llm_directory_fetches_only_tokenizer_files(s3_buck
     assert not (cached / "model-00001-of-00002.safetensors").exists()
     with pytest.raises(FileNotFoundError, match="no tokenizer files"):
         _tokenizer(f"s3://{s3_bucket}/nothing-here/")
+
+
+def test_local_image_directory_keys_are_relative_with_or_without_slash(tmp_path):
+    (tmp_path / "imgs" / "sub").mkdir(parents=True)
+    (tmp_path / "imgs" / "a.jpg").write_bytes(jpeg(1))
+    (tmp_path / "imgs" / "sub" / "b.png").write_bytes(jpeg(2, fmt="PNG"))
+    for path in (str(tmp_path / "imgs"), str(tmp_path / "imgs") + "/"):
+        src = SourceConfig(path, format="images")
+        (unit,) = list(iter_units(src))
+        st = UnitStats("images", unit["id"])
+        assert [s.key for s in read_unit(src, unit, st)] == ["a.jpg", "sub/b.png"] and not st.errors

@@ -18,6 +18,7 @@ continues exactly. `export_pth` writes MiniGPT-4's `{"model": {...}}` .pth.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -372,8 +373,6 @@ def run(job: JobConfig, *, runtime_env: dict | None = None):
     t = job.train
     cfg = job.model_config()
     task = "stage1" if t.stage == 1 else "stage2"
-    import dataclasses
-
     process = dataclasses.replace(job.data.process, task=task, image_size=cfg.image_size,
                                   num_image_tokens=cfg.num_image_tokens, template=cfg.template,
                                   tokenizer=job.data.process.tokenizer or job.weights.tokenizer or job.weights.llm)

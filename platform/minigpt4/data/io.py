@@ -60,15 +60,19 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
-_clients: dict[S3Options, object] = {}
+_clients: dict[tuple, object] = {}
 _clients_lock = threading.Lock()
 
 
 def client(options: S3Options | None = None):
-    """One boto3 S3 client per process and options (clients are thread-safe; sessions are not)."""
+    """One boto3 S3 client per process, options and AWS environment (clients are thread-safe;
+    sessions are not). The environment is part of the key, so pointing AWS_ENDPOINT_URL at another
+    server (a local one started later, say) gets a new client rather than a stale one."""
     options = options or S3Options()
+    key = (options, *(os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE",
+                                                  "AWS_ACCESS_KEY_ID", "AWS_DEFAULT_REGION")))
     with _clients_lock:
-        c = _clients.get(options)
+        c = _clients.get(key)
         if c is None:
             import boto3
             from botocore import UNSIGNED
@@ -79,7 +83,7 @@ def client(options: S3Options | None = None):
                          max_pool_connections=32, signature_version=UNSIGNED if options.anonymous else None)
             c = session.client("s3", endpoint_url=options.endpoint_url or None, region_name=options.region,
                                config=cfg)
-            _clients[options] = c
+            _clients[key] = c
         return c
 
 

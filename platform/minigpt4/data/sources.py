@@ -211,7 +211,7 @@ def _units(source: SourceConfig, s3: uio.S3Options | None) -> Iterator[dict]:
         for uri in _files(source.path, (".parquet",), s3):
             yield {"id": uri, "uri": uri}
     elif source.format == "images":
-        prefix = source.path if source.path.endswith("/") or not uio.is_s3(source.path) else source.path + "/"
+        prefix = source.path.rstrip("/") + "/"  # keys are relative to it, local dirs and s3 alike
         page: list[str] = []
         for uri, _ in uio.iter_objects(prefix, IMAGE_EXTENSIONS, s3):
             page.append(uri)
