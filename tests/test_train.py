@@ -82,6 +82,14 @@ def test_two_worker_zero2_run_checkpoints_resumes_and_survives_a_killed_worker(s
     assert sorted(weights) == ["llama_proj.bias", "llama_proj.weight"]  # only what trains
     assert weights["llama_proj.weight"].shape == (64, 32) and weights["llama_proj.weight"].dtype == torch.float32
     lr_a = {h["step"]: h["lr"] for h in state["history"]}
+    from minigpt4.tbevents import read_scalars  # TensorBoard's scalars, written live by rank 0
+
+    (events,) = (tmp_path / "a" / "pretrain" / "tensorboard").glob("events.out.tfevents.*")
+    tb = read_scalars(events)
+    tb_lr = [(s, v) for s, tag, v in tb if tag == "lr"]
+    assert [s for s, _ in tb_lr] == sorted(lr_a) and [v for _, v in tb_lr] == pytest.approx(
+        [lr_a[s] for s in sorted(lr_a)], rel=1e-6)  # float32 in the event file
+    assert {tag for _, tag, _ in tb} >= {"loss", "lr", "samples_per_s", "tokens_per_s"}
     assert all(math.isfinite(h["loss"]) and h["samples_per_s"] > 0 for h in state["history"])
 
     # 2. rank 1 is killed at step 6: Ray Train restarts the workers from the step-4 checkpoint and finishes
@@ -137,3 +145,17 @@ def test_job_cli_rejects_bad_config_before_starting_ray(tmp_path):
     out = subprocess.run([sys.executable, str(root / "jobs/pretrain.py"), "--config", str(cfg), "train.precision=int4"],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert out.returncode == 2 and "precision" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_tensorboard_event_file_format():
+    from minigpt4.tbevents import EventWriter, crc32c, encode_event, read_scalars, record
+
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    rec = record(encode_event(1.5, 3, {"loss": 0.25}))
+    assert len(rec) == 16 + int.from_bytes(rec[:8], "little")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        w = EventWriter(d)
+        w.scalars(7, {"loss": 0.5, "lr": 2.0, "mfu": None, "flag": True})
+        assert read_scalars(w.path) == [(7, "loss", 0.5), (7, "lr", 2.0)]

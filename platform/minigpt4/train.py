@@ -14,7 +14,8 @@ what trains, in safe formats: `trainable.safetensors` (fp32 master weights, gath
 partitions), `optimizer-rank{r}.safetensors` (each rank's Adam state) and `state.json` (step, data
 epoch, world size, metrics history). Resuming restores weights and step always, and the Adam state
 when the world size and ZeRO stage match; the LR is a pure function of the step, so the schedule
-continues exactly. `export_pth` writes MiniGPT-4's `{"model": {...}}` .pth.
+continues exactly. `export_pth` writes MiniGPT-4's `{"model": {...}}` .pth. Rank 0 writes TensorBoard scalars live to
+`<run>/tensorboard/` (runs stored on s3:// get the file at the end).
 """
 from __future__ import annotations
 
@@ -313,7 +314,13 @@ def train_loop(config: dict) -> None:
     peak = peak_flops(device)
     counts = model.parameter_counts()
     window = {"samples": 0, "tokens": 0, "flops": 0.0, "loss": 0.0, "n": 0, "t": time.perf_counter()}
-    storage_marker = os.path.join(config["marker_dir"], "fault_injected") if config.get("marker_dir") else None
+    local_run = config.get("local_run_dir")  # None when checkpoints go to s3://
+    storage_marker = os.path.join(local_run, "fault_injected") if local_run else None
+    tb = None
+    if rank == 0 and local_run:
+        from .tbevents import EventWriter
+
+        tb = EventWriter(os.path.join(local_run, "tensorboard"))  # live: tensorboard --logdir <run>/tensorboard
 
     while step < t.total_steps:
         lr = lr_at(step, t)
@@ -349,6 +356,8 @@ def train_loop(config: dict) -> None:
             metrics["mfu"] = (window["flops"] / dt / peak) if peak else None
             metrics["gpu_mem_gb"] = (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None
             history.append(metrics)
+            if tb:
+                tb.scalars(step, {k: v for k, v in metrics.items() if k not in ("step", "epoch")})
             if rank == 0:
                 print("[train] " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                             for k, v in metrics.items() if v is not None), flush=True)
@@ -385,7 +394,7 @@ def run(job: JobConfig, *, runtime_env: dict | None = None):
     run_dir = f"{t.storage_path.rstrip('/')}/{t.name}"
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"job": to_dict(job), "marker_dir": run_dir if not run_dir.startswith("s3://") else None},
+        train_loop_config={"job": to_dict(job), "local_run_dir": None if run_dir.startswith("s3://") else run_dir},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -512,6 +521,14 @@ def finish(job: JobConfig, result) -> dict:
             uio.write_bytes(f"{run_dir}/curves.png", Path(png).read_bytes())
         uio.write_bytes(f"{run_dir}/metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history).encode())
         out["curves"] = f"{run_dir}/curves.png"
+        if run_dir.startswith("s3://"):  # local runs wrote their TensorBoard file live
+            from .tbevents import EventWriter
+
+            with tempfile.TemporaryDirectory() as tmp:
+                tb = EventWriter(tmp)
+                for h in history:
+                    tb.scalars(h["step"], {k: v for k, v in h.items() if k not in ("step", "epoch")})
+                uio.write_bytes(f"{run_dir}/tensorboard/{tb.path.name}", tb.path.read_bytes())
     out.update(checkpoint=result.checkpoint.path, pth=pth, step=state["step"],
                final_loss=history[-1]["loss"] if history else None)
     if job.data.errors:
