@@ -71,8 +71,9 @@ def make_shards(root: Path, paths: list[Path], per_shard: int = 128) -> None:
 def pil_loop(paths: list[Path], size: int) -> float:
     from PIL import Image
 
-    mean = np.asarray((0.48145466, 0.4578275, 0.40821073), dtype=np.float32)
-    std = np.asarray((0.26862954, 0.26130258, 0.27577711), dtype=np.float32)
+    from minigpt4.images import CLIP_MEAN, CLIP_STD
+
+    mean, std = np.asarray(CLIP_MEAN, dtype=np.float32), np.asarray(CLIP_STD, dtype=np.float32)
     t = time.perf_counter()
     for p in paths:
         img = Image.open(p).convert("RGB").resize((size, size), Image.BICUBIC)

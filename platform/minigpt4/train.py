@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .data.pipeline import DataConfig
-from .model import ModelConfig, preset
+from .model import IMAGE_TOKEN_ID, ModelConfig, preset
 from .weights import WeightsConfig
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ def deepspeed_config(t: TrainConfig) -> dict:
     return cfg
 
 
-def flops_per_sample(cfg: ModelConfig, text_tokens: int, counts: dict | None = None) -> float:
+def flops_per_sample(cfg: ModelConfig, text_tokens: float, counts: dict | None = None) -> float:
     """Rough training FLOPs per sample: frozen ViT + Q-Former forward (2N per token), LLM forward and
     activation backward (4N per token: no weight gradients), plus 6N for what trains.
     `counts`: `MiniGPT4.parameter_counts()` (built on the meta device when not given)."""
@@ -313,7 +313,7 @@ def train_loop(config: dict) -> None:
     mixture = Mixture(open_stream, job.data.ratios, seed=t.seed + data_epoch)
     peak = peak_flops(device)
     counts = model.parameter_counts()
-    window = {"samples": 0, "tokens": 0, "flops": 0.0, "loss": 0.0, "n": 0, "t": time.perf_counter()}
+    window = _new_window()
     local_run = config.get("local_run_dir")  # None when checkpoints go to s3://
     storage_marker = os.path.join(local_run, "fault_injected") if local_run else None
     tb = None
@@ -333,12 +333,12 @@ def train_loop(config: dict) -> None:
                          labels=batch["labels"], pixel_values=batch["pixel_values"])
             engine.backward(out.loss)
             engine.step()
-            n_text = int(batch["attention_mask"].sum()) - int((batch["input_ids"] == -200).sum())
-            bsz = batch["input_ids"].shape[0]
-            window["samples"] += bsz
-            window["tokens"] += int(batch["attention_mask"].sum())
-            window["flops"] += flops_per_sample(cfg, n_text // max(bsz, 1), counts) * bsz
-            window["loss"] += float(out.loss.detach())
+            # device-side sums: read back once per log line, not once per micro-step (each read syncs)
+            tokens = batch["attention_mask"].sum()
+            window["samples"] += batch["input_ids"].shape[0]
+            window["tokens"] = window["tokens"] + tokens
+            window["text"] = window["text"] + tokens - (batch["input_ids"] == IMAGE_TOKEN_ID).sum()
+            window["loss"] = window["loss"] + out.loss.detach()
             window["n"] += 1
         step += 1
         if t.fail_at_step is not None and step == t.fail_at_step and rank == world - 1 and storage_marker \
@@ -350,10 +350,13 @@ def train_loop(config: dict) -> None:
         last = step == t.total_steps
         if step % t.log_every == 0 or last:
             dt = time.perf_counter() - window["t"]
-            metrics = {"step": step, "epoch": (step - 1) // t.iters_per_epoch, "loss": window["loss"] / window["n"],
-                       "lr": lr, "samples_per_s": window["samples"] * world / dt,
-                       "tokens_per_s": window["tokens"] * world / dt}
-            metrics["mfu"] = (window["flops"] / dt / peak) if peak else None
+            n = window["samples"]
+            # flops_per_sample is linear in the text length, so the window's mean length gives its total
+            flops = flops_per_sample(cfg, float(window["text"]) / n, counts) * n
+            metrics = {"step": step, "epoch": (step - 1) // t.iters_per_epoch,
+                       "loss": float(window["loss"]) / window["n"], "lr": lr, "samples_per_s": n * world / dt,
+                       "tokens_per_s": float(window["tokens"]) * world / dt}
+            metrics["mfu"] = (flops / dt / peak) if peak else None
             metrics["gpu_mem_gb"] = (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None
             history.append(metrics)
             if tb:
@@ -361,7 +364,7 @@ def train_loop(config: dict) -> None:
             if rank == 0:
                 print("[train] " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                             for k, v in metrics.items() if v is not None), flush=True)
-            window = {"samples": 0, "tokens": 0, "flops": 0.0, "loss": 0.0, "n": 0, "t": time.perf_counter()}
+            window = _new_window()
         if step % t.checkpoint_every == 0 or last:
             with tempfile.TemporaryDirectory() as d:
                 save_checkpoint(d, engine, model, {"step": step, "data_epoch": data_epoch, "history": history}, rank,
@@ -370,14 +373,17 @@ def train_loop(config: dict) -> None:
                                  checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
+def _new_window() -> dict:
+    return {"samples": 0, "tokens": 0, "text": 0, "loss": 0.0, "n": 0, "t": time.perf_counter()}
+
+
 # -- the driver -----------------------------------------------------------------------------------
-def run(job: JobConfig, *, runtime_env: dict | None = None):
+def run(job: JobConfig):
     """Fit on the current Ray cluster (ray.init already called); returns ray.train.Result."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from .config import to_dict
-    from .data.process import ProcessConfig
 
     t = job.train
     cfg = job.model_config()
