@@ -442,3 +442,112 @@ def test_local_image_directory_keys_are_relative_with_or_without_slash(tmp_path)
         (unit,) = list(iter_units(src))
         st = UnitStats("images", unit["id"])
         assert [s.key for s in read_unit(src, unit, st)] == ["a.jpg", "sub/b.png"] and not st.errors
+
+
+# -- exact resume: unit markers, positions, the listing that honours them ----------------------------
+def _local_shards(tmp_path, shards: int, per_shard: int) -> str:
+    for s in range(shards):
+        (tmp_path / f"{s:05d}.tar").write_bytes(make_tar([good(f"{s:05d}{i:04d}", s * 100 + i)
+                                                          for i in range(per_shard)]))
+    return str(tmp_path / ("{00000..%05d}.tar" % (shards - 1)))
+
+
+def test_list_epochs_marks_units_and_resumes_from_a_position(tmp_path):
+    from minigpt4.data import list_epochs
+
+    src = SourceConfig(_local_shards(tmp_path, 4, 1), name="w")
+    units = list(list_epochs(src, None, shuffle_seed=7, epochs=2))
+    assert [(u["epoch"], u["index"], u["last"]) for u in units] == [
+        (0, 0, False), (0, 1, False), (0, 2, False), (0, 3, True), (1, 0, False), (1, 1, False), (1, 2, False),
+        (1, 3, True)]
+    assert sorted(u["id"] for u in units[:4]) == sorted(u["id"] for u in units[4:])  # each epoch: every shard once
+    assert [u["id"] for u in units[:4]] != [u["id"] for u in units[4:]]  # in a new order
+    # resume inside epoch 1: before (1, 1) and the done (1, 3) are skipped; the epoch is listed alone
+    pos = {"low": [1, 1], "done": [[1, 3, True]]}
+    resumed = list(list_epochs(src, None, shuffle_seed=7, epochs=1, position=pos))
+    assert [(u["epoch"], u["index"]) for u in resumed] == [(1, 1), (1, 2)]
+    assert [u["id"] for u in resumed] == [units[5]["id"], units[6]["id"]]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no units"):
+        list(list_epochs(SourceConfig(str(tmp_path / "empty") + "/", name="e"), None, None))
+
+
+def test_position_tracker_counts_rows_across_workers_and_epochs():
+    from minigpt4.data import PositionTracker
+
+    a, b = PositionTracker(), PositionTracker()
+    # unit (0,0): 3 rows (2 on worker a, the last on b); (0,1): empty placeholder; (0,2): 2 rows, 1 consumed
+    a.consume([(0, 0, -1, False), (0, 0, -1, False), (0, 2, -1, False)])
+    b.consume([(0, 0, 3, False), (0, 1, 0, False)])
+    deltas = [a.take_delta(), b.take_delta()]
+    for t in (a, b):
+        t.merge(deltas)
+        assert t.position() == {"low": [0, 2], "done": []}  # (0,0) and (0,1) done, (0,2) in flight
+    # (0,3) finishes (the epoch's last unit) before (0,2) does: it is done past `low`
+    a.consume([(0, 3, 1, True)])
+    for t in (a, b):
+        t.merge([a.take_delta() if t is a else {}, {}])
+    assert a.position() == {"low": [0, 2], "done": [[0, 3, True]]}
+    a.consume([(0, 2, 2, False)])
+    a.merge([a.take_delta()])
+    assert a.position() == {"low": [1, 0], "done": []}  # past the last unit of epoch 0
+    # an epoch whose stream ended moves the position on, whatever an equal split or drop_last dropped
+    c = PositionTracker({"low": [1, 0], "done": []})
+    c.consume([(1, 0, -1, False)])
+    c.end_epoch(1)
+    c.merge([c.take_delta()])
+    assert c.position() == {"low": [2, 0], "done": []} and not c.partial
+
+
+def test_collator_reports_units_and_drops_placeholders(tiny_tokenizer):
+    batch = {"key": np.array(["a", "", "b"]), "pixel_values": np.zeros((3, 3, 4, 4), np.float32),
+             "input_ids": np.array([np.array([1, 5, 6]), np.zeros(0, np.int64), np.array([1, 7])], dtype=object),
+             "labels": np.array([np.array([-100, 5, 6]), np.zeros(0, np.int64), np.array([-100, 7])], dtype=object),
+             "prompt_len": np.array([1, 0, 1]), "unit_epoch": np.array([0, 0, 0]), "unit_index": np.array([4, 5, 6]),
+             "unit_rows": np.array([-1, 0, 9]), "unit_last": np.array([False, False, True])}
+    out = TrainingCollator(tiny_tokenizer.pad_token_id)(batch)
+    assert out["keys"] == ["a", "b"] and out["input_ids"].shape[0] == 2 and out["pixel_values"].shape[0] == 2
+    assert out["units"] == [(0, 4, -1, False), (0, 5, 0, False), (0, 6, 9, True)]
+    only = {k: v[1:2] for k, v in batch.items()}
+    assert TrainingCollator(0)(only) == {"units": [(0, 5, 0, False)], "empty": True}
+
+
+def test_stream_starts_at_the_position_posted_on_the_board(ray_cluster, tmp_path, tiny_tokenizer):
+    import ray
+
+    from minigpt4.data import position_board
+
+    pattern = _local_shards(tmp_path, 4, 3)
+    corrupt = {"jpg": b"\xff\xd8 not a jpeg", "txt": b"a caption"}
+    (tmp_path / "00002.tar").write_bytes(make_tar([("000020000", corrupt), ("000020001", corrupt)]))
+    board = position_board()
+    ds = build_dataset(SourceConfig(pattern, name="w"), ProcessConfig(task="stage1", **TINY), board=board,
+                       rows_per_block=2)
+    rows = ds.take_all()  # nothing posted: the whole epoch, with unit markers
+    by_unit: dict = {}
+    for r in rows:
+        by_unit.setdefault(int(r["unit_index"]), []).append(r)
+    assert sorted(by_unit) == [0, 1, 2, 3]
+    for index, unit_rows in by_unit.items():
+        finals = [int(r["unit_rows"]) for r in unit_rows if int(r["unit_rows"]) >= 0]
+        assert len(finals) == 1  # exactly one row closes each unit, with its count (0: the all-bad shard)
+        assert finals[0] == len([r for r in unit_rows if int(r["unit_rows"]) != 0])
+    shard2 = next(i for i, rs in by_unit.items() if rs[0]["key"] == "")  # the all-bad shard: one placeholder
+    assert [int(r["unit_rows"]) for r in by_unit[shard2]] == [0]
+    ray.get(board.set.remote("w", {"low": [0, 1], "done": [[0, 3, True]]}))
+    again = ds.take_all()  # a new execution reads the board: only units 1 and 2 of epoch 0
+    assert sorted({int(r["unit_index"]) for r in again}) == [1, 2]
+    assert sorted(r["key"] for r in again) == sorted(r["key"] for r in rows if int(r["unit_index"]) in (1, 2))
+
+
+def test_mixture_streams_of_several_epochs_report_their_last_epoch():
+    opened, ended = [], []
+
+    def open_stream(name, epoch):
+        opened.append(epoch)
+        return iter([epoch] * 2)
+
+    mix = Mixture(open_stream, {"a": 1.0}, epochs={"a": 4}, on_epoch_end=lambda n, e: ended.append(e),
+                  epochs_per_stream=3)
+    assert [next(mix)[1] for _ in range(6)] == [4, 4, 7, 7, 10, 10]
+    assert opened == [4, 7, 10] and ended == [6, 9]

@@ -8,8 +8,8 @@ from .io import S3Options
 _WHERE = {
     "sources": ("FORMATS", "RawSample", "SampleError", "SourceConfig", "expand_braces", "iter_units"),
     "process": ("ProcessConfig", "Processor", "clean_caption"),
-    "pipeline": ("DataConfig", "DataReport", "Mixture", "TrainingCollator", "build_dataset", "read_errors",
-                 "summarize"),
+    "pipeline": ("DataConfig", "DataReport", "Mixture", "PositionTracker", "TrainingCollator", "build_dataset",
+                 "list_epochs", "position_board", "read_errors", "summarize"),
 }
 _MODULE = {name: mod for mod, names in _WHERE.items() for name in names}
 __all__ = ["S3Options", *_MODULE]

@@ -42,7 +42,8 @@ def unit_hash(unit_id: str) -> str:
 
 
 # -- the lazy unit listing ----------------------------------------------------------------------
-def _unit_datasource(source: SourceConfig, s3: uio.S3Options | None, shuffle_seed: int | str | None):
+def _unit_datasource(source: SourceConfig, s3: uio.S3Options | None, shuffle_seed: int | str | None,
+                     start_epoch: int, epochs: int | None, board=None):
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
@@ -57,12 +58,46 @@ def _unit_datasource(source: SourceConfig, s3: uio.S3Options | None, shuffle_see
             def read():
                 import pyarrow as pa
 
-                for unit in iter_units(source, s3, shuffle_seed):
+                position = None
+                if board is not None:  # read when the execution starts: a resumed run's position
+                    import ray
+
+                    position = ray.get(board.get.remote(source.name))
+                for unit in list_epochs(source, s3, shuffle_seed, start_epoch, epochs, position):
                     yield pa.table({"unit": [json.dumps(unit)]})
 
             return [ReadTask(read, BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None))]
 
     return UnitListing()
+
+
+def list_epochs(source: SourceConfig, s3: uio.S3Options | None, shuffle_seed: int | str | None, start_epoch: int = 0,
+                epochs: int | None = 1, position: dict | None = None) -> Iterator[dict]:
+    """Units of `epochs` epochs (endless when None) from `start_epoch`, each epoch in its own order
+    (seed `shuffle_seed.epoch`). Every unit gets `epoch`, `index` (its place in the epoch) and `last`
+    (last of its epoch). `position` (from `PositionTracker.position()`) moves the start to its epoch
+    and skips the units before `low` and those in `done`."""
+    low, done = (start_epoch, 0), set()
+    if position:
+        low, done = tuple(position["low"]), {(e, i) for e, i, *_ in position.get("done", [])}
+    first = low[0]
+    epoch = first
+    while epochs is None or epoch < first + epochs:
+        order_seed = None if shuffle_seed is None else f"{shuffle_seed}.{epoch}"
+        pending = None  # one unit of lookahead: the last unit of an epoch is marked as such
+        for index, unit in enumerate(iter_units(source, s3, order_seed)):
+            if pending is not None and not _skipped(epoch, pending[0], low, done):
+                yield {**pending[1], "epoch": epoch, "index": pending[0], "last": False}
+            pending = (index, unit)
+        if pending is None:
+            raise ValueError(f"source {source.name!r} has no units ({source.format} at {source.path})")
+        if not _skipped(epoch, pending[0], low, done):
+            yield {**pending[1], "epoch": epoch, "index": pending[0], "last": True}
+        epoch += 1
+
+
+def _skipped(epoch: int, index: int, low: tuple, done: set) -> bool:
+    return (epoch, index) < low or (epoch, index) in done
 
 
 # -- read + process one unit at a time ---------------------------------------------------------
@@ -87,25 +122,38 @@ def _write_unit_report(stats: UnitStats, errors: str, s3: uio.S3Options | None) 
 
 
 def process_units(batch: dict, *, source: SourceConfig, process: ProcessConfig, errors: str | None,
-                  s3: uio.S3Options | None, epoch: int, rows_per_block: int) -> Iterator[dict]:
-    """Ray Data UDF: each input row is a unit; yields blocks of processed rows as they fill."""
+                  s3: uio.S3Options | None, epoch: int, rows_per_block: int, markers: bool = False) -> Iterator[dict]:
+    """Ray Data UDF: each input row is a unit; yields blocks of processed rows as they fill.
+
+    markers: add the unit's position to every row (`unit_epoch`, `unit_index`; on its last row
+    `unit_rows` = rows delivered and `unit_last` = last of its epoch; -1 / False before) so that a
+    consumer can tell when a unit is fully consumed (`PositionTracker`). A unit with no good sample
+    then yields one placeholder row (`unit_rows` 0, no pixels worth reading) that consumers drop."""
     processor = Processor(process)
     for unit_json in batch["unit"]:
         unit = json.loads(unit_json)
+        unit_epoch = unit.get("epoch", epoch)
         stats = UnitStats(source.name, unit["id"])
         rows: list[dict] = []
         for raw in read_unit(source, unit, stats, s3, need_caption=process.needs_caption):
             try:
-                row = processor(raw, epoch)
+                row = processor(raw, unit_epoch)
             except SampleError as e:
                 stats.error(raw.key, e.reason, str(e))
                 continue
             row["source"] = source.name
+            if markers:
+                row.update(unit_epoch=unit_epoch, unit_index=unit["index"], unit_rows=-1, unit_last=False)
             rows.append(row)
             stats.delivered += 1
-            if len(rows) >= rows_per_block:
-                yield stack_rows(rows)
-                rows = []
+            if len(rows) > rows_per_block:  # one row held back: the unit's last row carries its totals
+                yield stack_rows(rows[:-1])
+                rows = rows[-1:]
+        if markers:
+            if rows:
+                rows[-1].update(unit_rows=stats.delivered, unit_last=unit["last"])
+            else:
+                rows.append(_placeholder(process, source, unit, unit_epoch))
         if rows:
             yield stack_rows(rows)
         if errors:
@@ -116,24 +164,41 @@ def process_units(batch: dict, *, source: SourceConfig, process: ProcessConfig, 
             log.warning("... and %d more bad samples in %s", len(stats.errors) - 3, unit["id"])
 
 
+def _placeholder(process: ProcessConfig, source: SourceConfig, unit: dict, unit_epoch: int) -> dict:
+    row = {"key": "", "pixel_values": np.zeros((3, process.image_size, process.image_size), np.float32),
+           "caption": ""}
+    if process.needs_caption:
+        row.update(input_ids=np.zeros(0, np.int64), labels=np.zeros(0, np.int64), prompt_len=0)
+    return row | {"source": source.name, "unit_epoch": unit_epoch, "unit_index": unit["index"], "unit_rows": 0,
+                  "unit_last": unit["last"]}
+
+
 def build_dataset(source: SourceConfig, process: ProcessConfig, *, errors: str | None = None,
                   s3: uio.S3Options | None = None, shuffle_seed: int | None = None, epoch: int = 0,
-                  rows_per_block: int = 64, num_cpus: float = 1.0, concurrency: int | None = None):
+                  epochs: int = 1, board=None, rows_per_block: int = 64, num_cpus: float = 1.0,
+                  concurrency: int | None = None):
     """The lazy Ray Dataset of processed rows of one source (see the module docstring).
 
     errors: where skipped samples are written (local dir or s3:// prefix); None only logs them.
     shuffle_seed: shuffle unit order (windows of 1,000; a different order each epoch) — sample-level
         shuffling is the consumer's `local_shuffle_buffer_size`.
-    epoch: varies crops and instruction choices between epochs, reproducibly.
+    epoch, epochs: the first epoch and how many one execution lists (training: one per execution,
+        so each epoch starts where the board says). The epoch varies unit order, crops and
+        instruction choices, reproducibly. Finite: Ray hands the listing's blocks on when it ends.
+    board: a `PositionBoard` actor: the rows then carry unit markers for `PositionTracker`, and the
+        listing starts at the position the board holds for this source when the execution starts.
     """
     import ray.data
 
-    # one read task; override_num_blocks=1 also stops Ray splitting its output into ~200 mostly empty blocks
-    order_seed = None if shuffle_seed is None else f"{shuffle_seed}.{epoch}"  # a new unit order each epoch
-    listing = ray.data.read_datasource(_unit_datasource(source, s3, order_seed), num_cpus=0, override_num_blocks=1)
+    if epochs is None or epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+
+    listing = ray.data.read_datasource(_unit_datasource(source, s3, shuffle_seed, epoch, epochs, board), num_cpus=0,
+                                       override_num_blocks=1)  # 1 task; stops Ray splitting it ~200 ways
     # Ray coalesces the read task's small blocks: re-split (streaming) so each unit is its own task
     listing = listing.repartition(target_num_rows_per_block=1)
-    kwargs = dict(source=source, process=process, errors=errors, s3=s3, epoch=epoch, rows_per_block=rows_per_block)
+    kwargs = dict(source=source, process=process, errors=errors, s3=s3, epoch=epoch, rows_per_block=rows_per_block,
+                  markers=board is not None)
     return listing.map_batches(process_units, batch_size=1, fn_kwargs=kwargs, num_cpus=num_cpus,
                                concurrency=concurrency)
 
@@ -151,20 +216,25 @@ class DataConfig:
     num_cpus: float = 1.0  # per processing task
     concurrency: int | None = None  # max processing tasks at once (None: as many as CPUs allow)
     rows_per_block: int = 64
+    epochs_per_pass: int = 1  # epochs one Ray Data execution lists (small sets: fewer pipeline restarts)
 
     def __post_init__(self):
+        if self.epochs_per_pass < 1:
+            raise ValueError(f"data.epochs_per_pass must be >= 1, got {self.epochs_per_pass}")
         names = [s.name for s in self.sources]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"source names must be unique (set `name:`), repeated: {', '.join(dup)}")
 
-    def datasets(self, process: ProcessConfig | None = None, epoch: int = 0) -> dict:
-        """One lazy dataset per source, by source name."""
+    def datasets(self, process: ProcessConfig | None = None, epoch: int = 0, epochs: int = 1,
+                 board=None) -> dict:
+        """One lazy dataset per source, by source name (see `build_dataset` for epochs and board)."""
         if not self.sources:
             raise ValueError("no data sources configured (data.sources is empty)")
         return {s.name: build_dataset(s, process or self.process, errors=self.errors, s3=self.s3,
-                                      shuffle_seed=self.shuffle_seed, epoch=epoch, rows_per_block=self.rows_per_block,
-                                      num_cpus=self.num_cpus, concurrency=self.concurrency)
+                                      shuffle_seed=self.shuffle_seed, epoch=epoch, epochs=epochs, board=board,
+                                      rows_per_block=self.rows_per_block, num_cpus=self.num_cpus,
+                                      concurrency=self.concurrency)
                 for s in self.sources}
 
     @property
@@ -243,12 +313,23 @@ class TrainingCollator(NumpyBatchCollateFn):
 
         from ..prompts import collate_training
 
+        units = None
+        if "unit_rows" in batch:  # position markers (training): every row reported, placeholders dropped
+            units = list(zip(batch["unit_epoch"].tolist(), batch["unit_index"].tolist(),
+                             batch["unit_rows"].tolist(), batch["unit_last"].tolist()))
+            real = np.flatnonzero(batch["unit_rows"] != 0)
+            if len(real) < len(units):
+                batch = {k: v[real] for k, v in batch.items()}
+            if not len(real):
+                return {"units": units, "empty": True}
         samples = [{"input_ids": ids, "labels": lab, "prompt_len": int(p)}
                    for ids, lab, p in zip(batch["input_ids"], batch["labels"], batch["prompt_len"])]
         out = collate_training(samples, self.pad_token_id, self.pad_to)
         pixels = batch["pixel_values"]  # read-only when it comes zero-copy from the object store
         out["pixel_values"] = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())
         out["keys"] = [str(k) for k in batch["key"]]
+        if units is not None:
+            out["units"] = units
         return out
 
 
@@ -258,13 +339,16 @@ class Mixture:
     frequencies follow the ratios. A stream that runs out starts its next epoch (`open(name, epoch)`
     is called again); reproducible for a seed. Infinite: the consumer decides when to stop."""
 
-    def __init__(self, open_stream: Callable[[str, int], Iterable], ratios: dict[str, float], seed: int = 42):
+    def __init__(self, open_stream: Callable[[str, int], Iterable], ratios: dict[str, float], seed: int = 42,
+                 epochs: dict[str, int] | None = None, on_epoch_end: Callable[[str, int], None] | None = None,
+                 epochs_per_stream: int = 1):
         if not ratios or any(r <= 0 for r in ratios.values()):
             raise ValueError(f"mixture ratios must be positive, got {ratios}")
         self.open_stream, self.names = open_stream, sorted(ratios)
         self.weights = [ratios[n] for n in self.names]
         self.rng = random.Random(seed)
-        self.epochs = {n: 0 for n in self.names}
+        self.epochs = {n: (epochs or {}).get(n, 0) for n in self.names}
+        self.on_epoch_end, self.epochs_per_stream = on_epoch_end, epochs_per_stream
         self._its: dict[str, Iterator] = {}
 
     def __iter__(self):
@@ -280,5 +364,89 @@ class Mixture:
                 return name, next(it)
             except StopIteration:
                 self._its.pop(name)
-                self.epochs[name] += 1
+                self.epochs[name] += self.epochs_per_stream
+                if self.on_epoch_end:  # the last epoch the stream held
+                    self.on_epoch_end(name, self.epochs[name] - 1)
         raise RuntimeError(f"source {name!r} yields no batches (empty, or every sample was skipped)")
+
+
+# -- where a stream is: exact resume -----------------------------------------------------------------
+class PositionTracker:
+    """Which units of one source's stream are fully consumed, across all training workers.
+
+    Each worker `consume`s the unit markers of the batches it trains on; at a checkpoint every rank
+    passes its `take_delta()` to an all-gather and `merge`s all of them (so every rank holds the same
+    state). A unit is done when the rows consumed from it, summed over workers, reach the count its
+    last row announced. `position()` = the first unit not done (`low`, as (epoch, index)) plus the
+    done units past it: a resumed stream starts there and skips those, so no sample is lost and only
+    the units that were in flight at the checkpoint are read again."""
+
+    def __init__(self, position: dict | None = None):
+        position = position or {"low": [0, 0], "done": []}
+        self.low = tuple(position["low"])
+        self.done = {(e, i): bool(last) for e, i, last in position["done"]}
+        self.partial: dict[tuple, list] = {}  # (epoch, index) -> [rows consumed, rows total or None, last]
+        self._delta: dict[tuple, list] = {}
+
+    def end_epoch(self, epoch: int) -> None:
+        """This worker's stream of `epoch` ended: every unit of it was dispatched and consumed (the
+        rows an equal split or `drop_last` dropped included)."""
+        self._delta.setdefault("ended", [0, None, False])[0] = max(epoch + 1, self._delta.get("ended", [0])[0])
+
+    def consume(self, units) -> None:
+        """units: (epoch, index, unit_rows, unit_last) per row, as `TrainingCollator` returns them."""
+        for e, i, rows, last in units:
+            d = self._delta.setdefault((e, i), [0, None, False])
+            if rows != 0:  # a placeholder announces an empty unit without being a row
+                d[0] += 1
+            if rows >= 0:
+                d[1], d[2] = rows, bool(last)
+
+    def take_delta(self) -> dict:
+        delta, self._delta = self._delta, {}
+        return delta
+
+    def merge(self, deltas: list[dict]) -> None:
+        for delta in deltas:
+            for u, (n, total, last) in delta.items():
+                if u == "ended":  # epochs before n are over
+                    if self.low[0] < n:
+                        self.low = (n, 0)
+                    continue
+                p = self.partial.setdefault(u, [0, None, False])
+                p[0] += n
+                if total is not None:
+                    p[1], p[2] = total, last
+        for u, (n, total, last) in list(self.partial.items()):
+            if u < self.low:
+                del self.partial[u]
+            elif total is not None and n >= total:
+                del self.partial[u]
+                self.done[u] = last
+        self.done = {u: last for u, last in self.done.items() if u >= self.low}
+        while self.low in self.done:  # advance over the done prefix
+            last = self.done.pop(self.low)
+            self.low = (self.low[0] + 1, 0) if last else (self.low[0], self.low[1] + 1)
+
+    def position(self) -> dict:
+        return {"low": list(self.low), "done": [[e, i, last] for (e, i), last in sorted(self.done.items())]}
+
+
+def position_board():
+    """A `PositionBoard` actor: training rank 0 posts each source's resume position there before
+    reading, and the listing task reads it when an execution starts (a run's first, and each one
+    after a worker failure)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class PositionBoard:
+        def __init__(self):
+            self.positions: dict[str, dict] = {}
+
+        def set(self, name: str, position: dict | None) -> None:
+            self.positions[name] = position
+
+        def get(self, name: str) -> dict | None:
+            return self.positions.get(name)
+
+    return PositionBoard.remote()
