@@ -91,6 +91,13 @@ def test_two_worker_zero2_run_checkpoints_resumes_and_survives_a_killed_worker(s
         [lr_a[s] for s in sorted(lr_a)], rel=1e-6)  # float32 in the event file
     assert {tag for _, tag, _ in tb} >= {"loss", "lr", "samples_per_s", "tokens_per_s"}
     assert all(math.isfinite(h["loss"]) and h["samples_per_s"] > 0 for h in state["history"])
+    # the data position: 4 shards of 24 rows per epoch, 16 rows per step. At step 4, 64 rows were
+    # trained on: one or two whole shards are done, the rest of epoch 0 is still to come
+    at4 = next(c for c, m in base.best_checkpoints if m["step"] == 4)
+    with at4.as_directory() as d:
+        pos4 = json.loads(Path(d, "state.json").read_text())["data_position"]["syn"]
+    assert pos4["low"][0] == 0 and 1 <= pos4["low"][1] + len(pos4["done"]) <= 2
+    assert state["data_position"]["syn"]["low"] == [2, 0]  # 12 steps = two whole epochs
 
     # 2. rank 1 is killed at step 6: Ray Train restarts the workers from the step-4 checkpoint and finishes
     killed = run(_job(synthetic_shards, tmp_path / "b", fail_at_step=6))
@@ -100,6 +107,8 @@ def test_two_worker_zero2_run_checkpoints_resumes_and_survives_a_killed_worker(s
     steps = [h["step"] for h in state_b["history"]]
     assert steps[:2] == [2, 4] and steps[2] == 6 and steps[-1] == 12  # resumed at 5 after the step-4 checkpoint
     assert {h["step"]: h["lr"] for h in state_b["history"]} == lr_a  # the same LR at every step
+    progress = (tmp_path / "b" / "pretrain" / "progress.log").read_text()
+    assert "resumed from step 4" in progress and "data continues: syn at epoch 0 unit" in progress
 
     # 3. rerunning the finished job with a longer schedule continues from step 12, not from 0
     longer = run(_job(synthetic_shards, tmp_path / "a", epochs=3))
@@ -159,3 +168,19 @@ def test_tensorboard_event_file_format():
         w = EventWriter(d)
         w.scalars(7, {"loss": 0.5, "lr": 2.0, "mfu": None, "flag": True})
         assert read_scalars(w.path) == [(7, "loss", 0.5), (7, "lr", 2.0)]
+
+
+def test_train_step_bench_runs_on_cpu_and_writes_its_table(tmp_path):
+    """bench/train_step.py (the GPU benchmark at real sizes) must keep working: on CPU it runs the tiny
+    preset through the same two paths."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(root / "bench/train_step.py"), "--steps", "6", "--batch-size", "8",
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "train_step.json").read_text())
+    assert report["preset"] == "tiny" and set(report["rows"]) == {"naive eager loop", "Ray Train + DeepSpeed job"}
+    assert all(r["samples_per_s"] > 0 for r in report["rows"].values())
+    assert "| naive eager loop |" in (tmp_path / "train_step.md").read_text()

@@ -12,10 +12,16 @@ dynamic loss scaling.
 Checkpoints (every `checkpoint_every` steps and at the end, keep-last-N by Ray Train) hold only
 what trains, in safe formats: `trainable.safetensors` (fp32 master weights, gathered across ZeRO
 partitions), `optimizer-rank{r}.safetensors` (each rank's Adam state) and `state.json` (step, data
-epoch, world size, metrics history). Resuming restores weights and step always, and the Adam state
+position, world size, metrics history). Resuming restores weights and step always, and the Adam state
 when the world size and ZeRO stage match; the LR is a pure function of the step, so the schedule
-continues exactly. `export_pth` writes MiniGPT-4's `{"model": {...}}` .pth. Rank 0 writes TensorBoard scalars live to
-`<run>/tensorboard/` (runs stored on s3:// get the file at the end).
+continues exactly. `export_pth` writes MiniGPT-4's `{"model": {...}}` .pth. Rank 0 writes TensorBoard
+scalars live to `<run>/tensorboard/` (runs stored on s3:// get the file at the end).
+
+Data: each epoch of a source is one Ray Data execution, in its own unit order. The data position in
+a checkpoint is, per source, the first unit not yet fully consumed by all workers plus the finished
+units past it (`PositionTracker`); a resumed run's rank 0 posts it to a `PositionBoard` actor that
+the listing reads when the stream starts, so nothing is skipped and only the units in flight at the
+checkpoint are read again.
 """
 from __future__ import annotations
 
@@ -68,6 +74,7 @@ class TrainConfig:
     log_every: int = 10
     max_failures: int = 3
     shuffle_buffer: int = 0  # rows in each worker's local shuffle buffer
+    torch_threads: int = 0  # intra-op threads per worker (0: Ray's default, the worker's whole CPUs)
     fail_at_step: int | None = None  # fault injection (tests): rank 1 dies once at this step
 
     def __post_init__(self):
@@ -269,7 +276,7 @@ def train_loop(config: dict) -> None:
     import ray.train
 
     from .config import from_dict
-    from .data.pipeline import Mixture, TrainingCollator
+    from .data.pipeline import Mixture, PositionTracker, TrainingCollator
     from .weights import load_pretrained
 
     job = from_dict(JobConfig, config["job"])
@@ -279,8 +286,12 @@ def train_loop(config: dict) -> None:
     importlib.import_module("deepspeed.ops").__compatible_ops__["deepspeed_shm_comm"] = False
     import deepspeed
 
+    if t.torch_threads:
+        torch.set_num_threads(t.torch_threads)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    local_run = config.get("local_run_dir")  # None when checkpoints go to s3://
+    progress = os.path.join(local_run, "progress.log") if local_run and rank == 0 else None
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -292,29 +303,48 @@ def train_loop(config: dict) -> None:
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=lr_at(0, t), betas=tuple(t.betas))
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(t),
                                                    dist_init_required=False)
-    step, data_epoch, history = 0, 0, []
+    step, history, positions = 0, [], {}
     ckpt = ray.train.get_checkpoint()
     if ckpt:
         with ckpt.as_directory() as d:
             state = load_checkpoint(d, engine, model, rank, world, t.zero_stage)
-        step, history = state["step"], state.get("history", [])
-        data_epoch = state.get("data_epoch", 0) + 1  # a fresh unit order: the resumed run does not replay sample 0..
+        step, history, positions = state["step"], state.get("history", []), state.get("data_position", {})
         if rank == 0:
-            print(f"[train] resumed from step {step} (lr {lr_at(step, t):.3e})", flush=True)
+            where = ", ".join(f"{n} at epoch {p['low'][0]} unit {p['low'][1]}" for n, p in sorted(positions.items()))
+            _say(f"[train] resumed from step {step} (lr {lr_at(step, t):.3e}); data continues: "
+                 f"{where or 'from the start'}", progress)
     torch.manual_seed(t.seed * 1000 + rank + step)
-
+    trackers = {name: PositionTracker(positions.get(name)) for name in job.data.ratios}
+    board = config.get("board")
     collate = TrainingCollator(tokenizer.pad_token_id)
 
     def open_stream(name: str, epoch: int):
+        """One epoch of a source (a Ray Data execution). Rank 0 first posts where it starts: the
+        checkpoint's position when resuming inside this epoch, else the epoch's first unit. The
+        listing reads it once every rank has asked for the stream (streaming_split's barrier)."""
+        if board is not None and rank == 0:
+            tr = trackers[name]
+            ray.get(board.set.remote(name, tr.position() if tr.low[0] == epoch else {"low": [epoch, 0], "done": []}))
         return ray.train.get_dataset_shard(name).iter_torch_batches(
             batch_size=t.batch_size, collate_fn=collate, drop_last=True,
-            local_shuffle_buffer_size=t.shuffle_buffer or None, local_shuffle_seed=t.seed + epoch if t.shuffle_buffer else None)
+            local_shuffle_buffer_size=t.shuffle_buffer or None,
+            local_shuffle_seed=t.seed * 1000 + step + epoch if t.shuffle_buffer else None)
 
-    mixture = Mixture(open_stream, job.data.ratios, seed=t.seed + data_epoch)
+    def next_batch():
+        while True:
+            name, batch = next(mixture)
+            if "units" in batch:
+                trackers[name].consume(batch["units"])
+            if not batch.get("empty"):
+                return batch
+
+    mixture = Mixture(open_stream, job.data.ratios, seed=t.seed * 1000 + step,
+                      epochs={name: tr.low[0] for name, tr in trackers.items()},
+                      on_epoch_end=lambda name, epoch: trackers[name].end_epoch(epoch),
+                      epochs_per_stream=job.data.epochs_per_pass)
     peak = peak_flops(device)
     counts = model.parameter_counts()
     window = _new_window()
-    local_run = config.get("local_run_dir")  # None when checkpoints go to s3://
     storage_marker = os.path.join(local_run, "fault_injected") if local_run else None
     tb = None
     if rank == 0 and local_run:
@@ -327,8 +357,10 @@ def train_loop(config: dict) -> None:
         for g in _base_optimizer(engine).param_groups:
             g["lr"] = lr
         for _ in range(t.grad_accum):
-            _, batch = next(mixture)
-            batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+            t_wait = time.perf_counter()
+            batch = next_batch()
+            window["wait"] += time.perf_counter() - t_wait
+            batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          labels=batch["labels"], pixel_values=batch["pixel_values"])
             engine.backward(out.loss)
@@ -343,9 +375,12 @@ def train_loop(config: dict) -> None:
         step += 1
         if t.fail_at_step is not None and step == t.fail_at_step and rank == world - 1 and storage_marker \
                 and not os.path.exists(storage_marker):
+            # a real failure comes long after the last checkpoint: wait until Ray Train has committed
+            # it (its snapshot lists it), or a crash within ms of the report would lose it too
+            _wait_committed(local_run, step - step % t.checkpoint_every)
             Path(storage_marker).parent.mkdir(parents=True, exist_ok=True)
             Path(storage_marker).write_text(str(step))
-            print(f"[train] fault injection: rank {rank} exits at step {step}", flush=True)
+            _say(f"[train] fault injection: rank {rank} exits at step {step}", progress)
             os._exit(1)
         last = step == t.total_steps
         if step % t.log_every == 0 or last:
@@ -355,26 +390,71 @@ def train_loop(config: dict) -> None:
             flops = flops_per_sample(cfg, float(window["text"]) / n, counts) * n
             metrics = {"step": step, "epoch": (step - 1) // t.iters_per_epoch,
                        "loss": float(window["loss"]) / window["n"], "lr": lr, "samples_per_s": n * world / dt,
-                       "tokens_per_s": float(window["tokens"]) * world / dt}
+                       "tokens_per_s": float(window["tokens"]) * world / dt,
+                       "data_wait": window["wait"] / dt}  # share of the time spent waiting for input
             metrics["mfu"] = (flops / dt / peak) if peak else None
             metrics["gpu_mem_gb"] = (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None
             history.append(metrics)
             if tb:
                 tb.scalars(step, {k: v for k, v in metrics.items() if k not in ("step", "epoch")})
             if rank == 0:
-                print("[train] " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                            for k, v in metrics.items() if v is not None), flush=True)
+                _say("[train] " + "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                            for k, v in metrics.items() if v is not None), progress)
             window = _new_window()
         if step % t.checkpoint_every == 0 or last:
+            _merge_positions(trackers, world)
+            data_position = {name: tr.position() for name, tr in trackers.items()}
             with tempfile.TemporaryDirectory() as d:
-                save_checkpoint(d, engine, model, {"step": step, "data_epoch": data_epoch, "history": history}, rank,
-                                world, t.zero_stage)
+                save_checkpoint(d, engine, model, {"step": step, "data_position": data_position, "history": history},
+                                rank, world, t.zero_stage)
                 ray.train.report(history[-1] if history else {"step": step},
                                  checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
+def _merge_positions(trackers: dict, world: int) -> None:
+    """Collective: every rank contributes the unit rows it consumed since the last checkpoint, and
+    every rank merges all of them, so all hold the same data position."""
+    deltas = [{name: tr.take_delta() for name, tr in trackers.items()}]
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, deltas[0])
+        deltas = gathered
+    for name, tr in trackers.items():
+        tr.merge([d[name] for d in deltas])
+
+
+def _wait_committed(run_dir: str, step: int, timeout: float = 60.0) -> None:
+    """Fault injection (tests): block until the run's checkpoint for `step` is registered."""
+    snapshot = Path(run_dir, "checkpoint_manager_snapshot.json")
+    deadline = time.monotonic() + timeout
+    while step > 0 and time.monotonic() < deadline:
+        try:
+            results = json.loads(snapshot.read_text()).get("checkpoint_results", [])
+            if any(r.get("metrics", {}).get("step") == step for r in results):
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+
+
+def _say(line: str, progress: str | None = None) -> None:
+    """A progress line on the worker's stdout (Ray forwards it to the driver) and, for local runs, in
+    `<run>/progress.log` (`tail -f` it; the demo follows it). Not print(): Ray Train patches print
+    into its logger, which a redirected stdout then shows twice."""
+    import sys
+
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+    if progress:
+        Path(progress).parent.mkdir(parents=True, exist_ok=True)
+        with open(progress, "a") as f:
+            f.write(line + "\n")
+
+
 def _new_window() -> dict:
-    return {"samples": 0, "tokens": 0, "text": 0, "loss": 0.0, "n": 0, "t": time.perf_counter()}
+    return {"samples": 0, "tokens": 0, "text": 0, "loss": 0.0, "n": 0, "wait": 0.0, "t": time.perf_counter()}
 
 
 # -- the driver -----------------------------------------------------------------------------------
@@ -393,14 +473,18 @@ def run(job: JobConfig):
                                   tokenizer=job.data.process.tokenizer or job.weights.tokenizer or job.weights.llm)
     if job.data.errors is None:
         job.data.errors = f"{t.storage_path.rstrip('/')}/{t.name}/data_errors"
-    datasets = job.data.datasets(process)
+    from .data.pipeline import position_board
+
+    board = position_board()  # rank 0 posts where each epoch's stream starts; the listing reads it
+    datasets = job.data.datasets(process, epochs=job.data.epochs_per_pass, board=board)
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker
     run_dir = f"{t.storage_path.rstrip('/')}/{t.name}"
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"job": to_dict(job), "local_run_dir": None if run_dir.startswith("s3://") else run_dir},
+        train_loop_config={"job": to_dict(job), "board": board,
+                           "local_run_dir": None if run_dir.startswith("s3://") else run_dir},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -419,22 +503,43 @@ def _storage_path(path: str) -> str:
 def embedded_job(stage: int, embedded, storage_path: str = "outputs/embedded") -> dict:
     """The embedded default: the tiny preset learning the synthetic scenes from the local S3 server on
     a local Ray cluster. The tiny model's ViT, Q-Former and LLM are random, not pretrained, so it
-    trains them too (the real presets keep MiniGPT-4's freezing)."""
-    model = {"preset": "tiny", "train_vision": True, "train_qformer": True, "train_llm": "full"}
+    trains them too (the real presets keep MiniGPT-4's freezing). One worker using every core is
+    the fastest layout on a small box (no gradient all-reduce); the schedule is what reaches >= 90%
+    held-out accuracy in about five minutes on 2 cores (`make demo` checks it)."""
+    # stage 1 trains every part; stage 2 keeps the encoder stage 1 taught to see (frozen, as MiniGPT-4
+    # keeps its pretrained one) and teaches the LLM the chat template and the long descriptions
+    model = {"preset": "tiny_demo", "train_vision": stage == 1, "train_qformer": stage == 1, "train_llm": "full"}
     if stage == 1:
         source = {"path": embedded.pretrain, "name": "synthetic_pretrain"}
-        train = dict(stage=1, epochs=2, iters_per_epoch=100, init_lr=3e-3, min_lr=1e-3, warmup_lr=1e-4,
-                     warmup_steps=20, weight_decay=0.0)
+        train = dict(stage=1, epochs=4, iters_per_epoch=500, batch_size=64, init_lr=1e-3, min_lr=1e-4,
+                     warmup_lr=1e-5, warmup_steps=100, checkpoint_every=500)
         weights = {}
     else:
-        source = {"path": embedded.align, "format": "cc_sbu_align", "name": "synthetic_align"}
-        train = dict(stage=2, epochs=2, iters_per_epoch=50, init_lr=1e-3, min_lr=3e-4, warmup_lr=1e-4,
-                     warmup_steps=10, weight_decay=0.0)
+        source = {"path": embedded.align, "format": "cc_sbu_align", "name": "synthetic_align", "unit_size": 64}
+        train = dict(stage=2, epochs=2, iters_per_epoch=96, batch_size=32, init_lr=1e-3, min_lr=1e-4,
+                     warmup_lr=1e-5, warmup_steps=16, checkpoint_every=96)
         weights = {"minigpt4": f"{storage_path}/pretrain/minigpt4_stage1.pth"}
-    train.update(num_workers=2, cpus_per_worker=0.5, batch_size=32, precision="fp32", zero_stage=2,
-                 checkpoint_every=50, log_every=10, storage_path=storage_path, shuffle_buffer=256)
+    train.update(num_workers=1, cpus_per_worker=1, torch_threads=min(os.cpu_count() or 1, 8), precision="fp32",
+                 zero_stage=2, weight_decay=0.0, clip_grad=1.0, log_every=50, storage_path=storage_path,
+                 shuffle_buffer=256)
     return {"model": model, "weights": weights, "train": train,
             "data": {"sources": [source], "errors": f"{storage_path}/{'pretrain' if stage == 1 else 'finetune'}/data_errors"}}
+
+
+def prepare_job(job: JobConfig, stage: int) -> JobConfig:
+    """Validate a job on the driver (errors here, not inside every worker) and make its local paths
+    absolute (workers run in another directory)."""
+    job.model_config()
+    for part, uri in vars(job.weights).items():
+        if isinstance(uri, str) and uri and not uri.startswith("s3://"):
+            if not Path(uri).exists():
+                hint = " (run jobs/pretrain.py first)" if part == "minigpt4" and stage == 2 else ""
+                raise ValueError(f"weights.{part}: {uri} does not exist{hint}")
+            setattr(job.weights, part, str(Path(uri).resolve()))
+    job.train.storage_path = _storage_path(job.train.storage_path)
+    if job.data.errors and not job.data.errors.startswith("s3://"):
+        job.data.errors = str(Path(job.data.errors).resolve())
+    return job
 
 
 def main(stage: int, argv: list[str] | None = None) -> int:
@@ -465,17 +570,7 @@ def main(stage: int, argv: list[str] | None = None) -> int:
             runtime_env = {"env_vars": embedded.env}
             data = embedded_job(stage, embedded)
         data.setdefault("train", {})["stage"] = stage
-        job = from_dict(JobConfig, apply_overrides(data, args.overrides))
-        job.model_config()
-        for part, uri in vars(job.weights).items():  # fail here, not inside every worker
-            if isinstance(uri, str) and uri and not uri.startswith("s3://"):
-                if not Path(uri).exists():
-                    hint = " (run jobs/pretrain.py first)" if part == "minigpt4" and stage == 2 else ""
-                    raise ValueError(f"weights.{part}: {uri} does not exist{hint}")
-                setattr(job.weights, part, str(Path(uri).resolve()))  # workers run in another directory
-        job.train.storage_path = _storage_path(job.train.storage_path)
-        if job.data.errors and not job.data.errors.startswith("s3://"):
-            job.data.errors = str(Path(job.data.errors).resolve())
+        job = prepare_job(from_dict(JobConfig, apply_overrides(data, args.overrides)), stage)
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         if embedded:
