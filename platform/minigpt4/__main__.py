@@ -9,11 +9,8 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
-import time
 
 from minigpt4.generate import CHAT_DEFAULTS, SamplingParams
 
@@ -192,66 +189,12 @@ def cmd_caption(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """The embedded default end to end: synthetic data served by a local S3 server, streamed through
-    the Ray Data pipeline both training stages read, then a scripted chat about a held-out image."""
-    import tempfile
+    """The learning proof (see minigpt4.demo): train the tiny model on synthetic scenes from a local S3
+    server through Ray Data + Ray Train (stage 1, then stage 2), held-out accuracy before and after,
+    then a chat about a held-out image."""
+    from minigpt4.demo import run_demo
 
-    from minigpt4.data import io as uio
-
-    t0 = time.time()
-    model, tokenizer = load_runtime(args)
-    counts = model.parameter_counts()
-    print(f"[demo] preset {model.cfg.name}: {counts['total']:,} parameters, {counts['trainable']:,} trainable "
-          f"(llama_proj); weights are random until a training run or --weights provides them", flush=True)
-    embedded = _demo_data(model.cfg)
-    try:
-        meta = json.loads(uio.read_bytes(embedded.heldout_annotations))
-        image = meta["images"][0]
-        truth = next(a["caption"] for a in meta["annotations"] if a["image_id"] == image["id"])
-        with tempfile.TemporaryDirectory() as tmp:
-            path = f"{tmp}/{image['id']}.jpg"
-            with open(path, "wb") as f:
-                f.write(uio.read_bytes(f"{embedded.root}/heldout/{image['file_name']}"))
-            print(f"[demo] held-out image {image['id']}: {truth}")
-            chat = Chat(model, tokenizer, sampling_from_args(args, stop=_stops(model)))
-            chat.upload(path)
-            for q in ("Describe this image in detail.", "What colour is the first shape?"):
-                print(f"Human: {q}\nAssistant: ", end="", flush=True)
-                chat.ask(q)
-    finally:
-        embedded.stop()
-    print(f"[demo] done in {time.time() - t0:.1f}s")
-    return 0
-
-
-def _demo_data(model_cfg):
-    """Local S3 + synthetic dataset, then both stages' data through Ray Data with the bad-sample report."""
-    import ray
-
-    from minigpt4.data import DataConfig, ProcessConfig, SourceConfig
-    from minigpt4.data.check import check
-    from minigpt4.embedded import BUCKET, start_embedded
-
-    embedded = start_embedded(progress=False)
-    print(f"[demo] local S3 server {embedded.server.endpoint}: synthetic dataset in {embedded.root} "
-          f"({embedded.summary['counts']})", flush=True)
-    ray.init(num_cpus=min(os.cpu_count() or 2, 4), include_dashboard=False, log_to_driver=False,
-             object_store_memory=512 * 1024**2, runtime_env={"env_vars": embedded.env})
-    try:
-        from ray.data import DataContext
-
-        DataContext.get_current().enable_progress_bars = False
-        for task, source in (("stage1", SourceConfig(embedded.pretrain, name="pretrain")),
-                             ("stage2", SourceConfig(embedded.align, format="cc_sbu_align", name="align"))):
-            cfg = DataConfig(sources=[source], errors=f"s3://{BUCKET}/data_errors/{task}",
-                             process=ProcessConfig.for_model(model_cfg, task))
-            results, report = check(cfg)
-            r = results[source.name]
-            print(f"[demo] Ray Data {task}: {r['samples']} samples from {report.units} units "
-                  f"({r['samples_per_s']:.0f}/s), {report.skipped} skipped", flush=True)
-    finally:
-        ray.shutdown()
-    return embedded
+    return run_demo(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -268,10 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--raw", action="store_true", help="use --prompt as is, without the instruction template")
     p.add_argument("--batch-size", type=int, default=8)
     _add_model_args(p)
-    p = sub.add_parser("demo", help="synthetic data on a local S3 server through Ray Data, then a scripted chat "
-                                     "with the tiny model (what `make demo` runs)")
+    p = sub.add_parser("demo", help="train the tiny model on synthetic scenes (stage 1 + 2 on Ray Train, data from a "
+                                     "local S3 server through Ray Data), held-out accuracy before/after, then a "
+                                     "chat about a held-out image (what `make demo` runs)")
+    p.add_argument("--output", default="outputs/demo", help="run directory (removed and rewritten on each run)")
+    p.add_argument("--quick", action="store_true", help="12 steps per stage: checks the plumbing, not the learning")
+    p.add_argument("--expect", type=float, default=None,
+                   help="exit 1 when the held-out accuracy after training is below this fraction (e.g. 0.9)")
     _add_model_args(p)
-    p.set_defaults(max_new_tokens=24)
+    p.set_defaults(max_new_tokens=64, greedy=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from minigpt4.images import ImageError

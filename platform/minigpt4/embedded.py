@@ -43,10 +43,15 @@ class EmbeddedData:
         self.server.stop()
 
 
-def start_embedded(*, seed: int = 0, train_shards: int = 8, samples_per_shard: int = 64, align_samples: int = 64,
-                   heldout_samples: int = 32, image_size: int = 64, progress: bool = True) -> EmbeddedData:
+def start_embedded(*, seed: int = 0, train_shards: int = 125, samples_per_shard: int = 64, align_samples: int = 1024,
+                   heldout_samples: int = 100, image_size: int = 64, shapes: int | None = 1,
+                   progress: bool = True) -> EmbeddedData:
     """Start a local S3 server, point this process's AWS_* variables at it, and write the synthetic
-    dataset to `s3://minigpt4-demo/synthetic`. Call before `ray.init` so local workers inherit the env."""
+    dataset to `s3://minigpt4-demo/synthetic`. Call before `ray.init` so local workers inherit the env.
+
+    The defaults are what the tiny model learns from scratch in minutes on 2 cores (the demo's
+    learning proof): 8,000 single-shape stage-1 scenes in 125 shards, 1,024 stage-2 descriptions and
+    100 held-out scenes; writing them takes about 15 s."""
     from .s3server import LocalS3
     from .synthetic import write_dataset
 
@@ -56,5 +61,5 @@ def start_embedded(*, seed: int = 0, train_shards: int = 8, samples_per_shard: i
     root = f"s3://{BUCKET}/synthetic"
     summary = write_dataset(root, seed=seed, train_shards=train_shards, samples_per_shard=samples_per_shard,
                             align_samples=align_samples, heldout_samples=heldout_samples, image_size=image_size,
-                            progress=progress)
+                            shapes=shapes, progress=progress)
     return EmbeddedData(server, root, train_shards, summary)

@@ -52,12 +52,12 @@ class ModelConfig:
     quantize_llm: str = "none"
     """'none', '8bit' (LLM.int8) or '4bit' (NF4), through transformers' BitsAndBytesConfig."""
     train_llm: str = "none"
+    """'none' (MiniGPT-4: only llama_proj trains), 'full', or 'lora' (needs peft)."""
     train_vision: bool = False
     """Also train the ViT (+ ln_vision). Never for the real presets (MiniGPT-4 keeps it frozen); the tiny
     preset's random encoder has to learn to see from scratch in the demo."""
     train_qformer: bool = False
     """Also train the Q-Former and its query tokens (same caveat)."""
-    """'none' (MiniGPT-4: only llama_proj trains), 'full', or 'lora' (needs peft)."""
     lora_r: int = 64
     lora_alpha: int = 16
     lora_dropout: float = 0.05
@@ -139,7 +139,7 @@ LLAMA_13B = dict(LLAMA_7B, hidden_size=5120, intermediate_size=13824, num_hidden
 LLAMA2_7B = dict(LLAMA_7B, max_position_embeddings=4096, rms_norm_eps=1e-5)
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Tests and the embedded default: same classes, tiny sizes; builds in milliseconds.
+    # Tests: same classes as the real presets, tiny sizes; builds in milliseconds.
     "tiny": dict(
         vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                     image_size=32, patch_size=8, layer_norm_eps=1e-6, qkv_bias=True, hidden_act="gelu"),
@@ -152,6 +152,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                  eos_token_id=2, pad_token_id=None, tie_word_embeddings=False),
         vision_dtype="fp32", llm_dtype="fp32",
     ),
+}
+# The embedded default (`make demo`, the jobs with no arguments): tiny, with a ViT (patch 4, width 64)
+# and a Q-Former (cross-attention in every layer) just big enough to learn the synthetic scenes from
+# random init in minutes on 2 CPU cores; the LLM and tokenizer are tiny's.
+PRESETS["tiny_demo"] = dict(
+    PRESETS["tiny"],
+    vision=dict(PRESETS["tiny"]["vision"], hidden_size=64, intermediate_size=128, patch_size=4),
+    qformer=dict(PRESETS["tiny"]["qformer"], hidden_size=64, intermediate_size=128, cross_attention_frequency=1,
+                 encoder_hidden_size=64),
+)
+PRESETS |= {
     "vicuna7b": dict(vision=EVA_VIT_G, qformer=QFORMER_BASE, llm=LLAMA_7B),
     "vicuna13b": dict(vision=EVA_VIT_G, qformer=QFORMER_BASE, llm=LLAMA_13B),
     # MiniGPT-4 (LLaMA-2): no Q-Former; CLS dropped, 4 adjacent patches -> Linear(5632, 4096).

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import re
 import tarfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -78,13 +79,15 @@ def random_scene(rng: random.Random, n_shapes: int = 2) -> Scene:
     shapes = []
     for i, c in enumerate(colours):
         # keep shapes apart vertically or horizontally so the relation in the caption is unambiguous
-        size = rng.uniform(0.12, 0.22)
+        size = rng.uniform(0.12, 0.22) if n_shapes > 1 else rng.uniform(0.22, 0.32)  # one shape: a large subject
         if n_shapes == 2 and i == 1:
             a = shapes[0]
             if rng.random() < 0.5:
                 cx, cy = rng.uniform(0.25, 0.75), (0.75 if a.cy < 0.5 else 0.25)
             else:
                 cx, cy = (0.75 if a.cx < 0.5 else 0.25), rng.uniform(0.25, 0.75)
+        elif n_shapes == 1:
+            cx, cy = rng.uniform(0.35, 0.65), rng.uniform(0.35, 0.65)
         else:
             cx, cy = rng.uniform(0.25, 0.75), rng.uniform(0.25, 0.75)
         shapes.append(Shape(c, rng.choice(SHAPES), cx, cy, size))
@@ -305,3 +308,39 @@ def write_dataset(out: str, *, seed: int = 0, train_shards: int = 4, samples_per
                 "counts": counts, "files": sorted(dst.files)}
     dst.put("manifest.json", _json(manifest, indent=2))
     return {"out": out, "counts": counts, "files": len(dst.files), "bytes": dst.bytes}
+
+
+# -- scoring captions against the ground truth ------------------------------------------------------
+_OBJECT_RE = re.compile(r"\b(%s)\s+(%s)s?\b" % ("|".join(COLOURS), "|".join(SHAPES)))
+
+
+def mentioned_objects(text: str) -> set[tuple[str, str]]:
+    """The (colour, shape) pairs a caption names, e.g. 'a large red circle' -> {('red', 'circle')}."""
+    return set(_OBJECT_RE.findall(text.lower()))
+
+
+def score_captions(captions: dict[str, str], annotations: dict) -> dict:
+    """Held-out accuracy: a caption is right when the (colour, shape) pairs it names are exactly the
+    scene's objects (each named, nothing invented). `annotations`: the held-out `annotations.json`.
+    Also reports colour-only and shape-only accuracy of the objects, and examples of misses."""
+    truth: dict[str, set[tuple[str, str]]] = {}
+    for o in annotations["objects"]:
+        truth.setdefault(o["image_id"], set()).add((o["colour"], o["shape"]))
+    missing = sorted(set(truth) - set(captions))
+    if missing:
+        raise ValueError(f"{len(missing)} held-out images have no caption, e.g. {missing[:3]}")
+    correct, colours, shapes, objects, misses = 0, 0, 0, 0, []
+    for key, objs in sorted(truth.items()):
+        said = mentioned_objects(captions[key])
+        correct += said == objs
+        said_colours, said_shapes = {c for c, _ in said}, {s for _, s in said}
+        for c, s in objs:
+            objects += 1
+            colours += c in said_colours
+            shapes += s in said_shapes
+        if said != objs and len(misses) < 3:
+            misses.append({"key": key, "caption": captions[key], "truth": sorted(" ".join(o) for o in objs)})
+    n = len(truth)
+    return {"accuracy": correct / n if n else 0.0, "correct": correct, "images": n,
+            "colour_accuracy": colours / objects if objects else 0.0,
+            "shape_accuracy": shapes / objects if objects else 0.0, "misses": misses}

@@ -440,9 +440,9 @@ def load_hf_blip2(model: MiniGPT4, uri: str, strict: bool = True) -> LoadReport:
 def _plan_minigpt4(plan: _Plan, state: dict[str, torch.Tensor]) -> None:
     cfg = plan.model.cfg
     lora = cfg.train_llm == "lora"
-    # parts a from-scratch config trains (the tiny demo model) are exported under our own names
-    own = [p for p, on in (("vision.", cfg.train_vision), ("qformer.", cfg.train_qformer),
-                           ("query_tokens", cfg.train_qformer), ("llm.", cfg.train_llm == "full")) if on]
+    # parts a from-scratch config trained (the tiny demo model) are exported under our own names; they
+    # load whether or not this config trains them further (the demo's stage 2 keeps stage 1's encoder)
+    own = ["vision.", "qformer.", "query_tokens", "llm."]
     present = set()
     for key, value in state.items():
         if key in ("llama_proj.weight", "llama_proj.bias"):
