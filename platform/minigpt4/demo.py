@@ -111,7 +111,7 @@ def run_demo(args) -> int:
     embedded = start_embedded(progress=False, **sizes)
     counts = embedded.summary["counts"]
     print(f"[demo] local S3 server {embedded.server.endpoint}: synthetic scenes in {embedded.root} "
-          f"(stage 1: {counts['pretrain']:,} captions, stage 2: {counts['align']} descriptions, "
+          f"(stage 1: {counts['pretrain']:,} captions, stage 2: {counts['align']:,} descriptions, "
           f"held out: {counts['heldout']})", flush=True)
     # workers' logs stay in Ray's session dir; training progress comes from <run>/progress.log
     ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
@@ -128,8 +128,9 @@ def run_demo(args) -> int:
         model, tokenizer = _load(make_job(1))
         heldout = load_heldout(embedded, model.cfg.image_size)
         counts = model.parameter_counts()
-        print(f"[demo] model {model.cfg.name}: {counts['total']:,} parameters, random init, all of them trained "
-              f"(the real presets train llama_proj only)", flush=True)
+        print(f"[demo] model {model.cfg.name}: {counts['total']:,} parameters, random init; stage 1 trains every "
+              f"part (none is pretrained), stage 2 the projection and the LLM (the real presets: llama_proj only)",
+              flush=True)
         scores = {"before": evaluate(model, tokenizer, heldout, "chat")}
         print(_line("before training", scores["before"]), flush=True)
         seconds, pths = {}, []
