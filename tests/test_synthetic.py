@@ -218,3 +218,22 @@ def test_shapes_option_fixes_the_number_of_shapes(tmp_path):
     assert len(ann["objects"]) == 12  # one object per image
     with pytest.raises(ValueError, match="shapes must be"):
         write_dataset(str(tmp_path / "x"), shapes=3, progress=False)
+
+
+def test_score_captions_needs_exactly_the_scene_objects():
+    from minigpt4.synthetic import mentioned_objects, score_captions
+
+    assert mentioned_objects("A large Red circle above two blue squares.") == {("red", "circle"), ("blue", "square")}
+    ann = {"objects": [{"image_id": "a", "colour": "red", "shape": "circle"},
+                       {"image_id": "b", "colour": "blue", "shape": "square"},
+                       {"image_id": "b", "colour": "green", "shape": "triangle"},
+                       {"image_id": "c", "colour": "yellow", "shape": "triangle"}]}
+    caps = {"a": "There is a large red circle at the top left.",  # right
+            "b": "a blue square left of a green triangle and an orange circle",  # invents an object
+            "c": "a yellow square on a white background"}  # right colour, wrong shape
+    s = score_captions(caps, ann)
+    assert (s["correct"], s["images"], s["accuracy"]) == (1, 3, pytest.approx(1 / 3))
+    assert s["colour_accuracy"] == 1.0 and s["shape_accuracy"] == 0.75
+    assert [m["key"] for m in s["misses"]] == ["b", "c"]
+    with pytest.raises(ValueError, match="no caption"):
+        score_captions({"a": "a red circle"}, ann)
