@@ -98,7 +98,7 @@ def run_demo(args) -> int:
     """The whole demo; returns the exit code (1 when the trained model misses `args.expect`)."""
     import ray
 
-    from .__main__ import Chat, sampling_from_args
+    from .__main__ import Chat, _stops, sampling_from_args
     from .config import apply_overrides, from_dict
     from .embedded import start_embedded
     from .train import JobConfig, embedded_job, finish, prepare_job, run
@@ -127,8 +127,8 @@ def run_demo(args) -> int:
         t_train = time.time()
         model, tokenizer = _load(make_job(1))
         heldout = load_heldout(embedded, model.cfg.image_size)
-        counts = model.parameter_counts()
-        print(f"[demo] model {model.cfg.name}: {counts['total']:,} parameters, random init; stage 1 trains every "
+        params = model.parameter_counts()
+        print(f"[demo] model {model.cfg.name}: {params['total']:,} parameters, random init; stage 1 trains every "
               f"part (none is pretrained), stage 2 the projection and the LLM (the real presets: llama_proj only)",
               flush=True)
         scores = {"before": evaluate(model, tokenizer, heldout, "chat")}
@@ -166,7 +166,7 @@ def run_demo(args) -> int:
 
         path.write_bytes(uio.read_bytes(f"{embedded.root}/heldout/images/{key}.jpg"))
         print(f"[demo] chat about held-out image {key} ({truth}), saved as {path}")
-        chat = Chat(model, tokenizer, sampling_from_args(args, stop=(chat_stop(model),)))
+        chat = Chat(model, tokenizer, sampling_from_args(args, stop=_stops(model)))
         chat.upload(str(path))
         for q in ("Describe this image in detail.", "Could you describe the contents of this image for me?"):
             print(f"Human: {q}\nAssistant: ", end="", flush=True)
@@ -211,9 +211,3 @@ class _follow:
             if done:
                 return
             self.stop.wait(1.0)
-
-
-def chat_stop(model) -> str:
-    from .prompts import END_SYMS
-
-    return END_SYMS[model.cfg.template]
