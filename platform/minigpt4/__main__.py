@@ -20,7 +20,8 @@ log = logging.getLogger("minigpt4")
 def _add_model_args(p: argparse.ArgumentParser):
     g = p.add_argument_group("model and weights (local paths or s3:// URIs)")
     g.add_argument("--preset", default="tiny", help="tiny | vicuna7b | vicuna13b | llama2_7b (default: tiny)")
-    g.add_argument("--weights", help="MiniGPT-4 checkpoint with llama_proj (pretrained_minigpt4*.pth or a stage ckpt)")
+    g.add_argument("--weights", action="append", help="MiniGPT-4 checkpoint with llama_proj (pretrained_minigpt4*.pth "
+                   "or a stage's .pth); repeat to load several in order (the demo: stage 1's, then stage 2's)")
     g.add_argument("--llm", help="Vicuna / LLaMA Hugging Face model directory")
     g.add_argument("--eva-vit", help="eva_vit_g.pth (LAVIS)")
     g.add_argument("--blip2", help="blip2_pretrained_flant5xxl.pth (LAVIS) with ln_vision, Q-Former, query tokens")

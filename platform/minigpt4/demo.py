@@ -79,12 +79,10 @@ def _load(job, *pths: str):
     projection and the LLM it trained on top of stage 1's frozen encoder, so it loads over it."""
     import torch
 
-    from .weights import WeightsConfig, load_minigpt4, load_pretrained
+    from .weights import WeightsConfig, load_pretrained
 
     torch.manual_seed(job.train.seed)  # the initialisation every training worker starts from
-    model, tokenizer, _ = load_pretrained(job.model_config(), WeightsConfig(minigpt4=pths[0] if pths else None))
-    for pth in pths[1:]:
-        load_minigpt4(model, pth)
+    model, tokenizer, _ = load_pretrained(job.model_config(), WeightsConfig(minigpt4=list(pths)))
     return model.eval(), tokenizer
 
 

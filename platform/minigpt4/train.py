@@ -531,12 +531,17 @@ def prepare_job(job: JobConfig, stage: int) -> JobConfig:
     """Validate a job on the driver (errors here, not inside every worker) and make its local paths
     absolute (workers run in another directory)."""
     job.model_config()
-    for part, uri in vars(job.weights).items():
-        if isinstance(uri, str) and uri and not uri.startswith("s3://"):
-            if not Path(uri).exists():
-                hint = " (run jobs/pretrain.py first)" if part == "minigpt4" and stage == 2 else ""
-                raise ValueError(f"weights.{part}: {uri} does not exist{hint}")
-            setattr(job.weights, part, str(Path(uri).resolve()))
+    for part, value in vars(job.weights).items():
+        if isinstance(value, bool) or not value:
+            continue
+        uris = [value] if isinstance(value, str) else list(value)
+        for i, uri in enumerate(uris):
+            if not uri.startswith("s3://"):
+                if not Path(uri).exists():
+                    hint = " (run jobs/pretrain.py first)" if part == "minigpt4" and stage == 2 else ""
+                    raise ValueError(f"weights.{part}: {uri} does not exist{hint}")
+                uris[i] = str(Path(uri).resolve())
+        setattr(job.weights, part, uris[0] if isinstance(value, str) else uris)
     job.train.storage_path = _storage_path(job.train.storage_path)
     if job.data.errors and not job.data.errors.startswith("s3://"):
         job.data.errors = str(Path(job.data.errors).resolve())

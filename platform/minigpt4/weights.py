@@ -51,8 +51,9 @@ class WeightsConfig:
     """Hugging Face BLIP-2 file or directory (vision_model.* / qformer.* / query_tokens), instead of the two above."""
     llm: str | None = None
     """Hugging Face LLaMA/Vicuna model directory (s3:// prefix allowed) -> model.llm."""
-    minigpt4: str | None = None
-    """MiniGPT-4 stage-1/2 checkpoint (`pretrained_minigpt4_7b.pth`) -> llama_proj (and LoRA adapters)."""
+    minigpt4: str | list[str] | None = None
+    """MiniGPT-4 stage-1/2 checkpoint (`pretrained_minigpt4_7b.pth`) -> llama_proj (and LoRA adapters); a
+    list loads several in order (the tiny demo: stage 1's .pth, which holds the encoder, then stage 2's)."""
     tokenizer: str | None = None
     """Tokenizer directory; defaults to the llm directory, and to the tiny test tokenizer without one."""
     strict: bool = True
@@ -547,8 +548,8 @@ def load_pretrained(cfg: ModelConfig, weights: WeightsConfig, device="cpu"):
         reports.append(report)
     model = build_model(cfg, device=device, llm=llm)
     for name, loader in _PART_LOADERS:
-        uri = getattr(weights, name)
-        if uri:
+        uris = getattr(weights, name)
+        for uri in [uris] if isinstance(uris, str) else uris or []:
             reports.append(loader(model, uri, strict=weights.strict))
     model._cast_vision(DTYPES[cfg.vision_dtype])
     tokenizer = load_tokenizer(resolve(weights.tokenizer) if weights.tokenizer else llm_dir)

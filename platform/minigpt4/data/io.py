@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,6 +166,35 @@ def write_bytes(uri: str, data: bytes, options: S3Options | None = None) -> None
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def remove_prefix(prefix: str, options: S3Options | None = None, exact: bool = False) -> int:
+    """Delete every object under `prefix` (with `exact`: the one object `prefix` names); returns how
+    many. Local paths: the files under the directory (or the file)."""
+    if is_s3(prefix):
+        bucket, key = split_s3(prefix)
+        c = client(options)
+        if exact:
+            if not exists(prefix, options):
+                return 0
+            c.delete_object(Bucket=bucket, Key=key)
+            return 1
+        n = 0
+        for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+            objs = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if objs:  # a listing page holds at most 1,000 keys, DeleteObjects' limit
+                c.delete_objects(Bucket=bucket, Delete={"Objects": objs, "Quiet": True})
+                n += len(objs)
+        return n
+    path = Path(prefix)
+    if path.is_file():
+        path.unlink()
+        return 1
+    if exact or not path.is_dir():
+        return 0
+    n = sum(1 for p in path.rglob("*") if p.is_file())
+    shutil.rmtree(path)
+    return n
 
 
 def exists(uri: str, options: S3Options | None = None) -> bool:

@@ -41,9 +41,14 @@ def unit_hash(unit_id: str) -> str:
     return hashlib.sha1(unit_id.encode()).hexdigest()[:20]
 
 
+def source_unit_hash(source_name: str, unit_id: str) -> str:
+    """The name of everything written per unit (error and stats files, caption parts and markers)."""
+    return unit_hash(f"{source_name}|{unit_id}")
+
+
 # -- the lazy unit listing ----------------------------------------------------------------------
 def _unit_datasource(source: SourceConfig, s3: uio.S3Options | None, shuffle_seed: int | str | None,
-                     start_epoch: int, epochs: int | None, board=None):
+                     start_epoch: int, epochs: int | None, board=None, skip_units: frozenset[str] = frozenset()):
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
@@ -64,6 +69,8 @@ def _unit_datasource(source: SourceConfig, s3: uio.S3Options | None, shuffle_see
 
                     position = ray.get(board.get.remote(source.name))
                 for unit in list_epochs(source, s3, shuffle_seed, start_epoch, epochs, position):
+                    if skip_units and source_unit_hash(source.name, unit["id"]) in skip_units:
+                        continue
                     yield pa.table({"unit": [json.dumps(unit)]})
 
             return [ReadTask(read, BlockMetadata(num_rows=None, size_bytes=None, input_files=None, exec_stats=None))]
@@ -102,7 +109,7 @@ def _skipped(epoch: int, index: int, low: tuple, done: set) -> bool:
 
 # -- read + process one unit at a time ---------------------------------------------------------
 def _write_unit_report(stats: UnitStats, errors: str, s3: uio.S3Options | None) -> None:
-    h = unit_hash(f"{stats.source}|{stats.unit}")
+    h = source_unit_hash(stats.source, stats.unit)
     counts: dict[str, int] = {}
     for _, reason, _ in stats.errors:
         counts[reason] = counts.get(reason, 0) + 1
@@ -125,15 +132,18 @@ def process_units(batch: dict, *, source: SourceConfig, process: ProcessConfig, 
                   s3: uio.S3Options | None, epoch: int, rows_per_block: int, markers: bool = False) -> Iterator[dict]:
     """Ray Data UDF: each input row is a unit; yields blocks of processed rows as they fill.
 
-    markers: add the unit's position to every row (`unit_epoch`, `unit_index`; on its last row
-    `unit_rows` = rows delivered and `unit_last` = last of its epoch; -1 / False before) so that a
-    consumer can tell when a unit is fully consumed (`PositionTracker`). A unit with no good sample
-    then yields one placeholder row (`unit_rows` 0, no pixels worth reading) that consumers drop."""
+    markers: add the unit's position to every row (`unit` = its `source_unit_hash`, `unit_epoch`,
+    `unit_index`; on its last row `unit_rows` = rows delivered and `unit_last` = last of its epoch;
+    -1 / False before) so that a consumer can tell when a unit is fully consumed (`PositionTracker`,
+    the caption job's committer). A unit with no good sample then yields one placeholder row
+    (`unit_rows` 0, no pixels worth reading) that consumers drop. The unit's error report is written
+    before its last rows leave, so a consumer that has seen a whole unit can count on its report."""
     processor = Processor(process)
     for unit_json in batch["unit"]:
         unit = json.loads(unit_json)
         unit_epoch = unit.get("epoch", epoch)
         stats = UnitStats(source.name, unit["id"])
+        uhash = source_unit_hash(source.name, unit["id"])
         rows: list[dict] = []
         for raw in read_unit(source, unit, stats, s3, need_caption=process.needs_caption):
             try:
@@ -143,7 +153,7 @@ def process_units(batch: dict, *, source: SourceConfig, process: ProcessConfig, 
                 continue
             row["source"] = source.name
             if markers:
-                row.update(unit_epoch=unit_epoch, unit_index=unit["index"], unit_rows=-1, unit_last=False)
+                row.update(unit=uhash, unit_epoch=unit_epoch, unit_index=unit["index"], unit_rows=-1, unit_last=False)
             rows.append(row)
             stats.delivered += 1
             if len(rows) > rows_per_block:  # one row held back: the unit's last row carries its totals
@@ -153,30 +163,31 @@ def process_units(batch: dict, *, source: SourceConfig, process: ProcessConfig, 
             if rows:
                 rows[-1].update(unit_rows=stats.delivered, unit_last=unit["last"])
             else:
-                rows.append(_placeholder(process, source, unit, unit_epoch))
-        if rows:
-            yield stack_rows(rows)
+                rows.append(_placeholder(process, source, unit, uhash, unit_epoch))
         if errors:
             _write_unit_report(stats, errors, s3)
+        if rows:
+            yield stack_rows(rows)
         for key, reason, detail in stats.errors[:3]:
             log.warning("skipped %s (%s): %s", key, reason, detail)
         if len(stats.errors) > 3:
             log.warning("... and %d more bad samples in %s", len(stats.errors) - 3, unit["id"])
 
 
-def _placeholder(process: ProcessConfig, source: SourceConfig, unit: dict, unit_epoch: int) -> dict:
+def _placeholder(process: ProcessConfig, source: SourceConfig, unit: dict, uhash: str, unit_epoch: int) -> dict:
     row = {"key": "", "pixel_values": np.zeros((3, process.image_size, process.image_size), np.float32),
            "caption": ""}
     if process.needs_caption:
         row.update(input_ids=np.zeros(0, np.int64), labels=np.zeros(0, np.int64), prompt_len=0)
-    return row | {"source": source.name, "unit_epoch": unit_epoch, "unit_index": unit["index"], "unit_rows": 0,
+    return row | {"source": source.name, "unit": uhash, "unit_epoch": unit_epoch, "unit_index": unit["index"], "unit_rows": 0,
                   "unit_last": unit["last"]}
 
 
 def build_dataset(source: SourceConfig, process: ProcessConfig, *, errors: str | None = None,
                   s3: uio.S3Options | None = None, shuffle_seed: int | None = None, epoch: int = 0,
                   epochs: int = 1, board=None, rows_per_block: int = 64, num_cpus: float = 1.0,
-                  concurrency: int | None = None):
+                  concurrency: int | None = None, markers: bool | None = None,
+                  skip_units: frozenset[str] = frozenset()):
     """The lazy Ray Dataset of processed rows of one source (see the module docstring).
 
     errors: where skipped samples are written (local dir or s3:// prefix); None only logs them.
@@ -187,18 +198,21 @@ def build_dataset(source: SourceConfig, process: ProcessConfig, *, errors: str |
         instruction choices, reproducibly. Finite: Ray hands the listing's blocks on when it ends.
     board: a `PositionBoard` actor: the rows then carry unit markers for `PositionTracker`, and the
         listing starts at the position the board holds for this source when the execution starts.
+    markers: unit markers without a board (the caption job commits per unit); default: with a board.
+    skip_units: `source_unit_hash`es the listing leaves out (units a resumed job already finished).
     """
     import ray.data
 
     if epochs is None or epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
 
-    listing = ray.data.read_datasource(_unit_datasource(source, s3, shuffle_seed, epoch, epochs, board), num_cpus=0,
+    listing = ray.data.read_datasource(_unit_datasource(source, s3, shuffle_seed, epoch, epochs, board,
+                                                        frozenset(skip_units)), num_cpus=0,
                                        override_num_blocks=1)  # 1 task; stops Ray splitting it ~200 ways
     # Ray coalesces the read task's small blocks: re-split (streaming) so each unit is its own task
     listing = listing.repartition(target_num_rows_per_block=1)
     kwargs = dict(source=source, process=process, errors=errors, s3=s3, epoch=epoch, rows_per_block=rows_per_block,
-                  markers=board is not None)
+                  markers=board is not None if markers is None else markers)
     return listing.map_batches(process_units, batch_size=1, fn_kwargs=kwargs, num_cpus=num_cpus,
                                concurrency=concurrency)
 
