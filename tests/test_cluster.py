@@ -510,8 +510,11 @@ def test_rayservice_matches_serve_config_yaml():
     theirs_deps = {d["name"]: d for d in theirs["deployments"]}
     assert set(ours_deps) == set(theirs_deps), "deployment names differ"
     for name, dep in ours_deps.items():
-        for key in ("autoscaling_config", "ray_actor_options", "max_ongoing_requests", "num_replicas"):
+        for key in ("autoscaling_config", "max_ongoing_requests", "max_queued_requests", "num_replicas"):
             assert dep.get(key) == theirs_deps[name].get(key), f"{name}.{key}: rayservice.yaml vs serve/config.yaml"
+        # serve/config.yaml is the embedded default (tiny, CPU); the RayService gives each replica a GPU
+        assert theirs_deps[name]["ray_actor_options"]["num_gpus"] == 0
+        assert dep["ray_actor_options"]["num_gpus"] == 1
 
 
 # ----------------------------------------------------------------------------- runtime env
@@ -560,3 +563,15 @@ def test_no_credentials_in_deployment_files():
             m = pattern.search(text)
             assert m is None, f"{path.relative_to(REPO)}: looks like a credential: {m.group(0)!r}"
     assert "--password-stdin" in CLUSTER_YAML.read_text(), "ECR login reads a token from the instance profile"
+
+
+def test_serve_app_args_are_valid_settings():
+    """Both Serve configs' `args:` build a ServeSettings (a typo there would fail every replica)."""
+    from minigpt4.config import from_dict
+    from minigpt4.serving import ServeSettings
+
+    for cfg in (rayservice_serve_config(), yaml.safe_load(SERVE_CONFIG.read_text())):
+        settings = from_dict(ServeSettings, serve_app(cfg).get("args", {}))
+        settings.model_config()
+    local = yaml.safe_load(SERVE_CONFIG.read_text())
+    assert local["http_options"]["host"] == "127.0.0.1"

@@ -1,0 +1,642 @@
+"""Online serving: Ray Serve replicas of the MiniGPT-4 graph behind an OpenAI-compatible HTTP API.
+
+    serve run serve/config.yaml                 # embedded default: the tiny preset on 127.0.0.1:8000
+    serve deploy serve/config.yaml              # on a running cluster (cluster.yaml); KubeRay: rayservice.yaml
+
+Routes (one FastAPI app per replica, `MiniGPT4Deployment`):
+
+    POST /v1/chat/completions   OpenAI chat: text + image_url parts, multi-turn, stream (SSE), n, stop, usage
+    GET  /v1/models             the served model id
+    POST /v1/captions           one or many images -> captions
+    GET  /healthz               liveness (no key needed)
+    GET  /                      the web chat page (no external assets)
+
+Requests that arrive together share forward passes: each replica runs one `Batcher` thread that
+takes what is waiting (up to `max_batch_size` rows, after waiting `batch_wait_ms` for company) into
+one `GenerationEngine.stream` call, whose rows stop and leave the batch one by one, and hands every
+token back to its request's event loop. A request that finds `max_queue` rows already waiting gets
+503 (Serve's `max_queued_requests` bounds the proxy's queue the same way).
+
+Images come as `data:image/...;base64,` URLs, as `s3://` URLs of the buckets in `s3_buckets`, or as
+http(s) URLs when `http_fetch` is on and the host is in `http_hosts` (never a private, loopback or
+link-local address, no redirects). Errors are JSON in OpenAI's shape, never stack traces.
+"""
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import hmac
+import io
+import ipaddress
+import json
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from importlib import resources
+from urllib.parse import urlparse
+
+from .weights import WeightsConfig
+
+log = logging.getLogger(__name__)
+API_KEY_ENV = "MINIGPT4_API_KEY"
+MiB = 1024 * 1024
+
+
+@dataclass
+class ServeSettings:
+    """The application's `args:` in serve/config.yaml."""
+
+    model: dict = field(default_factory=lambda: {"preset": "tiny"})
+    """Preset + ModelConfig overrides (e.g. {preset: vicuna7b, quantize_llm: 8bit})."""
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    model_id: str = ""
+    """The name clients pass as `model` (default: minigpt4-<preset>)."""
+    api_key_env: str = API_KEY_ENV
+    """Environment variable holding the API key; when it is set and non-empty every /v1 route needs
+    `Authorization: Bearer <key>`. The key itself never goes in a config file or a log."""
+    max_body_bytes: int = 20 * MiB
+    max_image_pixels: int = 16_777_216  # 4096 x 4096
+    max_images: int = 4
+    """Images per request."""
+    s3_buckets: list[str] = field(default_factory=list)
+    """Buckets whose s3:// URLs image_url may name (none by default)."""
+    http_fetch: bool = False
+    """Fetch http(s) image URLs (off by default; then only from `http_hosts`)."""
+    http_hosts: list[str] = field(default_factory=list)
+    fetch_timeout_s: float = 10.0
+    default_max_tokens: int = 300
+    max_tokens_limit: int = 1024
+    max_n: int = 4
+    max_batch_size: int = 32
+    """Rows (requests x n) in one generation batch."""
+    batch_wait_ms: float = 5.0
+    """How long the first waiting request waits for others to share its batch."""
+    max_queue: int = 64
+    """Rows waiting per replica beyond which requests get 503."""
+    seed: int = 0
+    """Initialisation of parts without weights (the embedded default's random tiny model)."""
+
+    def __post_init__(self):
+        for name in ("max_body_bytes", "max_image_pixels", "max_images", "default_max_tokens", "max_tokens_limit",
+                     "max_n", "max_batch_size", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.default_max_tokens > self.max_tokens_limit:
+            raise ValueError("default_max_tokens must not exceed max_tokens_limit")
+        if not self.model_id:
+            self.model_id = f"minigpt4-{self.model.get('preset', 'tiny')}"
+
+    def model_config(self):
+        from .model import preset
+
+        spec = dict(self.model)
+        return preset(spec.pop("preset", "tiny"), **spec)
+
+
+class APIError(Exception):
+    """An error a client sees: HTTP status + OpenAI's error body."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# -- images ----------------------------------------------------------------------------------------
+def _public_address(host: str) -> None:
+    """Refuse hosts that resolve to private, loopback, link-local, reserved or multicast addresses."""
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        raise APIError(400, f"image_url host {host!r} does not resolve", param="image_url") from None
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0])
+        if not ip.is_global or ip.is_multicast:
+            raise APIError(400, f"image_url host {host!r} is not a public address", param="image_url")
+
+
+def fetch_image_bytes(url: str, s: ServeSettings) -> bytes:
+    """The bytes an image_url names (data:, s3:// of an allowed bucket, or an allowed http(s) host)."""
+    if not isinstance(url, str) or not url:
+        raise APIError(400, "image_url.url must be a non-empty string", param="image_url")
+    if url.startswith("data:"):
+        head, sep, payload = url.partition(",")
+        if not sep or ";base64" not in head or not head[5:].startswith("image/"):
+            raise APIError(400, "data URLs must look like data:image/<type>;base64,<data>", param="image_url")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise APIError(400, "image_url holds invalid base64", param="image_url") from None
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        if parsed.netloc not in s.s3_buckets:
+            raise APIError(400, f"s3 bucket {parsed.netloc!r} is not allowed", param="image_url")
+        from .data import io as uio
+
+        try:
+            data = uio.read_bytes(url)
+        except uio.ObjectError as e:
+            raise APIError(400, f"cannot read {url}: {e.reason}", param="image_url") from None
+    elif parsed.scheme in ("http", "https"):
+        host = parsed.hostname or ""
+        if not s.http_fetch:
+            raise APIError(400, "http(s) image URLs are disabled on this server; send a data: URL",
+                           param="image_url")
+        if host not in s.http_hosts:
+            raise APIError(400, f"image host {host!r} is not in the allow-list", param="image_url")
+        _public_address(host)
+        import requests
+
+        try:
+            with requests.get(url, timeout=s.fetch_timeout_s, stream=True, allow_redirects=False) as r:
+                if r.status_code != 200:
+                    raise APIError(400, f"fetching the image gave HTTP {r.status_code} (redirects are not "
+                                        "followed)", param="image_url")
+                data = r.raw.read(s.max_body_bytes + 1, decode_content=True)
+        except requests.RequestException as e:
+            raise APIError(400, f"fetching the image failed: {type(e).__name__}", param="image_url") from None
+    else:
+        raise APIError(400, "image_url must be a data:, s3:// or http(s):// URL", param="image_url")
+    if len(data) > s.max_body_bytes:
+        raise APIError(413, "image is larger than the request size limit", param="image_url")
+    return data
+
+
+def decode_image(data: bytes, size: int, s: ServeSettings):
+    """bytes -> (1, 3, S, S) float tensor, or an APIError (413 beyond the pixel limit, else 400)."""
+    import torch
+
+    from .images import ImageError, load_image, preprocess
+
+    try:
+        img = load_image(data, name="image_url", max_pixels=s.max_image_pixels)
+    except ImageError as e:
+        status = 413 if e.reason == "too_large" else 400
+        raise APIError(status, f"bad image ({e.reason}): {e}", param="image_url", code=e.reason) from None
+    return torch.from_numpy(preprocess(img, size))[None]
+
+
+# -- requests -> prompts ----------------------------------------------------------------------------
+def _int(body: dict, name: str, default, lo: int, hi: int):
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise APIError(400, f"{name} must be an integer in [{lo}, {hi}]", param=name)
+    return v
+
+
+def _float(body: dict, name: str, default: float, lo: float, hi: float) -> float:
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+        raise APIError(400, f"{name} must be a number in [{lo}, {hi}]", param=name)
+    return float(v)
+
+
+def sampling_params(body: dict, s: ServeSettings, template_stop: tuple[str, ...]):
+    """OpenAI request fields -> SamplingParams (temperature 0 = greedy; `num_beams` is our extension)."""
+    from .generate import SamplingParams
+
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = _int({"max_tokens": max_tokens}, "max_tokens", s.default_max_tokens, 1, s.max_tokens_limit)
+    temperature = _float(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _float(body, "top_p", 1.0, 0.0, 1.0)
+    if top_p == 0.0:
+        top_p = 1e-6
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) and x for x in stop):
+        raise APIError(400, "stop must be a non-empty string or a list of up to 4 of them", param="stop")
+    beams = _int(body, "num_beams", 1, 1, 8)
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise APIError(400, "seed must be an integer", param="seed")
+    penalty = _float(body, "repetition_penalty", 1.0, 0.5, 2.0)
+    return SamplingParams(max_new_tokens=max_tokens, do_sample=temperature > 0 and beams == 1,
+                          temperature=temperature if temperature > 0 else 1.0, top_p=top_p, num_beams=beams,
+                          repetition_penalty=penalty, stop=tuple(template_stop) + tuple(stop), seed=seed)
+
+
+def conversation_from_messages(messages, template: str, image_size: int, s: ServeSettings):
+    """OpenAI `messages` -> (prompt text with one `<ImageHere>` per image, [pixels (1,3,S,S)])."""
+    from .prompts import CHAT_SYSTEM, Conversation
+
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages must be a non-empty list", param="messages")
+    system = CHAT_SYSTEM
+    conv = None
+    n_images = 0
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
+            raise APIError(400, f"messages[{i}] needs a role of system, user or assistant", param="messages")
+        role, content = m["role"], m.get("content")
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if not isinstance(parts, list):
+            raise APIError(400, f"messages[{i}].content must be a string or a list of parts", param="messages")
+        texts, images = [], []
+        for j, p in enumerate(parts):
+            kind = p.get("type") if isinstance(p, dict) else None
+            if kind == "text" and isinstance(p.get("text"), str):
+                texts.append(p["text"])
+            elif kind == "image_url" and role == "user":
+                url = p.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url
+                n_images += 1
+                if n_images > s.max_images:
+                    raise APIError(400, f"at most {s.max_images} images per request", param="messages")
+                images.append(decode_image(fetch_image_bytes(url, s), image_size, s))
+            elif kind == "image_url":
+                raise APIError(400, f"messages[{i}]: images go in user messages", param="messages")
+            else:
+                raise APIError(400, f"messages[{i}].content[{j}]: unsupported content part type {kind!r} "
+                                    "(text and image_url are)", param="messages")
+        text = " ".join(t.strip() for t in texts if t.strip())
+        if role in ("system", "developer"):
+            if conv is not None:
+                raise APIError(400, "a system message must come first", param="messages")
+            system = text
+            continue
+        if conv is None:
+            conv = Conversation.for_template(template, system=system)
+        if role == "user":
+            for img in images:
+                conv.add_image(img)
+            if text or not images:
+                conv.ask(text)
+        else:
+            conv.answer(text)
+    if conv is None or messages[-1].get("role") != "user":
+        raise APIError(400, "the last message must be from the user", param="messages")
+    return conv.prompt(), list(conv.images), conv
+
+
+# -- batching across requests ----------------------------------------------------------------------
+@dataclass
+class _Job:
+    prompts: list[str]
+    images: list  # per row: (k, 3, S, S) tensor or None
+    params: list
+    deliver: object  # callable(kind, payload), called from the batcher thread
+    beams: bool = False
+
+
+class Batcher:
+    """One thread per replica running the model: concurrent requests share generation batches."""
+
+    def __init__(self, model, tokenizer, max_rows: int, wait_s: float):
+        from .generate import GenerationEngine
+
+        self.model, self.tokenizer = model, tokenizer
+        self.engine = GenerationEngine(model.llm, tokenizer)
+        self.max_rows, self.wait_s = max_rows, wait_s
+        self.q: queue.Queue[_Job] = queue.Queue()
+        self.waiting_rows = 0
+        self.batches = 0
+        self._lock = threading.Lock()
+        threading.Thread(target=self._loop, name="minigpt4-batcher", daemon=True).start()
+
+    def submit(self, job: _Job) -> None:
+        with self._lock:
+            self.waiting_rows += len(job.prompts)
+        self.q.put(job)
+
+    def _take(self) -> list[_Job]:
+        jobs = [self.q.get()]
+        if jobs[0].beams:  # beam search runs alone: it needs one num_beams for the whole batch
+            return jobs
+        rows = len(jobs[0].prompts)
+        deadline = time.monotonic() + self.wait_s
+        held = []
+        while rows < self.max_rows:
+            try:
+                job = self.q.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if job.beams or rows + len(job.prompts) > self.max_rows:
+                held.append(job)
+                break
+            jobs.append(job)
+            rows += len(job.prompts)
+        for job in held:  # next batch (order among waiting jobs is kept well enough for fairness)
+            self.q.put(job)
+        return jobs
+
+    def _loop(self) -> None:
+        import torch
+
+        while True:
+            jobs = self._take()
+            with self._lock:
+                self.waiting_rows -= sum(len(j.prompts) for j in jobs)
+            owners = [(j, r) for j in jobs for r in range(len(j.prompts))]
+            try:
+                with torch.no_grad():
+                    embeds = self.model.generation_inputs(self.tokenizer, [p for j in jobs for p in j.prompts],
+                                                          [x for j in jobs for x in j.images])
+                    params = [p for j in jobs for p in j.params]
+                    self.batches += 1
+                    for events in self.engine.stream(embeds, params):
+                        for ev in events:
+                            job, row = owners[ev.index]
+                            job.deliver("token", (row, ev))
+            except Exception as e:  # the requests fail, the replica lives on
+                log.exception("generation batch failed")
+                for j in jobs:
+                    j.deliver("error", e)
+
+
+# -- the deployment --------------------------------------------------------------------------------
+def _page() -> str:
+    return resources.files("minigpt4").joinpath("assets/chat.html").read_text()
+
+
+def build_api():
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    api = FastAPI(title="MiniGPT-4", version="0.1.0", docs_url=None, redoc_url=None)
+
+    @api.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        headers = {"Retry-After": "1"} if e.status == 503 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        err = APIError(e.status_code, str(e.detail), "invalid_request_error" if e.status_code < 500 else "server_error")
+        return JSONResponse(err.body(), status_code=e.status_code)
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        return JSONResponse(APIError(400, "invalid request").body(), status_code=400)
+
+    @api.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):
+        log.exception("unexpected error on %s", request.url.path)
+        return JSONResponse(APIError(500, "internal error", "server_error").body(), status_code=500)
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page():
+        return HTMLResponse(_page(), headers={"Content-Security-Policy": "default-src 'self'; img-src 'self' data: "
+                                              "blob:; style-src 'self' 'unsafe-inline'; script-src 'self' "
+                                              "'unsafe-inline'"})
+
+    return api
+
+
+def deployment_class():
+    from fastapi import Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from ray import serve
+
+    api = build_api()
+
+    @serve.deployment(name="MiniGPT4Deployment", max_ongoing_requests=32)
+    @serve.ingress(api)
+    class MiniGPT4Deployment:
+        def __init__(self, settings: dict):
+            import torch
+
+            from .config import from_dict
+            from .prompts import END_SYMS
+            from .weights import load_pretrained
+
+            self.s = s = from_dict(ServeSettings, settings)
+            key = os.environ.get(s.api_key_env, "")
+            self._key = key.encode() if key else None
+            torch.manual_seed(s.seed)
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            t = time.time()
+            self.model, self.tokenizer, _ = load_pretrained(s.model_config(), s.weights, device=device)
+            self.model.eval()
+            self.template = self.model.cfg.template
+            self.stop = (END_SYMS[self.template],)
+            self.batcher = Batcher(self.model, self.tokenizer, s.max_batch_size, s.batch_wait_ms / 1000)
+            self.created = int(time.time())
+            self._metrics = _metrics()
+            log.info("MiniGPT-4 replica ready on %s in %.1fs (model %s, auth %s)", device, time.time() - t,
+                     s.model_id, "on" if self._key else "off")
+
+        # -- plumbing ------------------------------------------------------------------------------
+        def _auth(self, request: Request) -> None:
+            if self._key is None:
+                return
+            header = request.headers.get("authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._key):
+                raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)",
+                               "authentication_error", code="invalid_api_key")
+
+        async def _json(self, request: Request) -> dict:
+            self._auth(request)
+            length = request.headers.get("content-length")
+            if length and length.isdigit() and int(length) > self.s.max_body_bytes:
+                raise APIError(413, f"request body exceeds {self.s.max_body_bytes} bytes")
+            body = b""
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > self.s.max_body_bytes:
+                    raise APIError(413, f"request body exceeds {self.s.max_body_bytes} bytes")
+            try:
+                data = json.loads(body)
+            except (ValueError, UnicodeDecodeError):
+                raise APIError(400, "request body is not valid JSON") from None
+            if not isinstance(data, dict):
+                raise APIError(400, "request body must be a JSON object")
+            return data
+
+        def _check_model(self, body: dict) -> None:
+            model = body.get("model")
+            if model is None:
+                return
+            if model != self.s.model_id:
+                raise APIError(404, f"model {model!r} does not exist; this server has {self.s.model_id!r}",
+                               param="model", code="model_not_found")
+
+        def _submit(self, prompts, images, params) -> asyncio.Queue:
+            if self.batcher.waiting_rows + len(prompts) > self.s.max_queue:
+                raise APIError(503, "server is busy, retry shortly", "server_error", code="overloaded")
+            loop = asyncio.get_running_loop()
+            out: asyncio.Queue = asyncio.Queue()
+
+            def deliver(kind, payload):
+                loop.call_soon_threadsafe(out.put_nowait, (kind, payload))
+
+            self.batcher.submit(_Job(prompts, images, params, deliver, beams=params[0].num_beams > 1))
+            return out
+
+        @staticmethod
+        async def _collect(out: asyncio.Queue, rows: int) -> list:
+            comps = [None] * rows
+            while any(c is None for c in comps):
+                kind, payload = await out.get()
+                if kind == "error":
+                    raise APIError(500, "generation failed", "server_error")
+                row, ev = payload
+                if ev.completion is not None:
+                    comps[row] = ev.completion
+            return comps
+
+        # -- routes ------------------------------------------------------------------------------
+        @api.get("/healthz")
+        async def healthz(self):
+            return {"status": "ok", "model": self.s.model_id, "batches": self.batcher.batches,
+                    "waiting_rows": self.batcher.waiting_rows}
+
+        @api.get("/v1/models")
+        async def models(self, request: Request):
+            self._auth(request)
+            return {"object": "list", "data": [self._model_card()]}
+
+        @api.get("/v1/models/{model_id}")
+        async def model(self, model_id: str, request: Request):
+            self._auth(request)
+            if model_id != self.s.model_id:
+                raise APIError(404, f"model {model_id!r} does not exist", param="model", code="model_not_found")
+            return self._model_card()
+
+        def _model_card(self) -> dict:
+            return {"id": self.s.model_id, "object": "model", "created": self.created, "owned_by": "minigpt4"}
+
+        @api.post("/v1/chat/completions")
+        async def chat(self, request: Request):
+            body = await self._json(request)
+            self._check_model(body)
+            n = _int(body, "n", 1, 1, self.s.max_n)
+            params = sampling_params(body, self.s, self.stop)
+            prompt, images, _ = await asyncio.to_thread(conversation_from_messages, body.get("messages"),
+                                                        self.template, self.model.cfg.image_size, self.s)
+            pixels = __import__("torch").cat(images) if images else None
+            out = self._submit([prompt] * n, [pixels] * n, [params] * n)
+            rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+            self._metrics["requests"].inc(tags={"route": "chat"})
+            if body.get("stream"):
+                opts = body.get("stream_options") or {}
+                usage = bool(isinstance(opts, dict) and opts.get("include_usage"))
+                return StreamingResponse(self._sse(out, n, rid, created, usage), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            t0 = time.perf_counter()
+            comps = await self._collect(out, n)
+            self._metrics["latency"].observe(time.perf_counter() - t0)
+            prompt_tokens = comps[0].prompt_tokens
+            completion_tokens = sum(len(c.token_ids) for c in comps)
+            self._metrics["tokens"].inc(completion_tokens)
+            return JSONResponse({
+                "id": rid, "object": "chat.completion", "created": created, "model": self.s.model_id,
+                "choices": [{"index": i, "message": {"role": "assistant", "content": c.text.strip()},
+                             "finish_reason": c.finish_reason, "logprobs": None} for i, c in enumerate(comps)],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}})
+
+        async def _sse(self, out: asyncio.Queue, n: int, rid: str, created: int, usage: bool):
+            def chunk(choices, **extra):
+                return "data: " + json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                              "model": self.s.model_id, "choices": choices, **extra}) + "\n\n"
+
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                         for i in range(n)])
+            started = [False] * n
+            done, prompt_tokens, completion_tokens = 0, 0, 0
+            t0, first = time.perf_counter(), True
+            while done < n:
+                kind, payload = await out.get()
+                if kind == "error":
+                    yield "data: " + json.dumps(APIError(500, "generation failed", "server_error").body()) + "\n\n"
+                    break
+                row, ev = payload
+                text = ev.text
+                if not started[row]:
+                    text = text.lstrip()
+                    started[row] = bool(text)
+                if text:
+                    if first:
+                        self._metrics["ttft"].observe(time.perf_counter() - t0)
+                        first = False
+                    yield chunk([{"index": row, "delta": {"content": text}, "finish_reason": None}])
+                if ev.completion is not None:
+                    done += 1
+                    prompt_tokens = ev.completion.prompt_tokens
+                    completion_tokens += len(ev.completion.token_ids)
+                    yield chunk([{"index": row, "delta": {}, "finish_reason": ev.completion.finish_reason}])
+            self._metrics["tokens"].inc(completion_tokens)
+            if usage:
+                yield chunk([], usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                       "total_tokens": prompt_tokens + completion_tokens})
+            yield "data: [DONE]\n\n"
+
+        @api.post("/v1/captions")
+        async def captions(self, request: Request):
+            from .caption import caption_prompt
+
+            body = await self._json(request)
+            self._check_model(body)
+            urls = body.get("images")
+            if isinstance(urls, str):
+                urls = [urls]
+            if not isinstance(urls, list) or not urls or len(urls) > self.s.max_batch_size:
+                raise APIError(400, f"images must be a list of 1 to {self.s.max_batch_size} image URLs",
+                               param="images")
+            prompt_text = body.get("prompt", "Describe this image in detail.")
+            template = body.get("template", "chat")
+            if not isinstance(prompt_text, str) or template not in ("chat", "raw"):
+                raise APIError(400, "prompt must be a string and template chat or raw", param="prompt")
+            prompt, stop = caption_prompt(prompt_text, template, self.template)
+            body.setdefault("temperature", 0)
+            params = sampling_params({**body, "stop": None}, self.s, stop)
+
+            def load():
+                return [decode_image(fetch_image_bytes(u.get("url") if isinstance(u, dict) else u, self.s),
+                                     self.model.cfg.image_size, self.s) for u in urls]
+
+            pixels = await asyncio.to_thread(load)
+            out = self._submit([prompt] * len(urls), pixels, [params] * len(urls))
+            self._metrics["requests"].inc(tags={"route": "captions"})
+            comps = await self._collect(out, len(urls))
+            completion_tokens = sum(len(c.token_ids) for c in comps)
+            self._metrics["tokens"].inc(completion_tokens)
+            return {"object": "list", "model": self.s.model_id,
+                    "data": [{"index": i, "caption": c.text.strip(), "finish_reason": c.finish_reason}
+                             for i, c in enumerate(comps)],
+                    "usage": {"prompt_tokens": sum(c.prompt_tokens for c in comps),
+                              "completion_tokens": completion_tokens,
+                              "total_tokens": sum(c.prompt_tokens for c in comps) + completion_tokens}}
+
+    return MiniGPT4Deployment
+
+
+def _metrics() -> dict:
+    """Our counters beside Serve's own (both on Ray's Prometheus endpoint)."""
+    from ray.util import metrics
+
+    return {
+        "requests": metrics.Counter("minigpt4_requests", "requests served", tag_keys=("route",)),
+        "tokens": metrics.Counter("minigpt4_generated_tokens", "tokens generated"),
+        "ttft": metrics.Histogram("minigpt4_time_to_first_token_s", "streamed time to first token",
+                                  boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10]),
+        "latency": metrics.Histogram("minigpt4_request_latency_s", "non-streamed request latency",
+                                     boundaries=[0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60]),
+    }
+
+
+def app(args: dict | None = None):
+    """Serve's application builder (`import_path: minigpt4.serving:app`, `args:` = ServeSettings)."""
+    from .config import from_dict, to_dict
+
+    settings = from_dict(ServeSettings, dict(args or {}))  # a bad config fails `serve run`, not every replica
+    return deployment_class().bind(to_dict(settings))

@@ -1,0 +1,252 @@
+"""Online serving (minigpt4.serving) on the session's Ray cluster: the official `openai` client
+(plain, streamed, multi-turn with an image), the native routes, batching across requests, and raw
+HTTP for every error case (OpenAI-shaped JSON, never a stack trace)."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import threading
+
+import pytest
+import requests
+
+KEY = "test-key-123"
+MODEL = "minigpt4-tiny"
+SETTINGS = {"model": {"preset": "tiny"}, "max_body_bytes": 300_000, "max_image_pixels": 200 * 200,
+            "s3_buckets": ["serve-images"], "http_fetch": True, "http_hosts": ["127.0.0.1", "localhost"],
+            "max_batch_size": 8, "batch_wait_ms": 20, "max_queue": 12, "default_max_tokens": 16}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png(size=(32, 32), colour=(200, 30, 30)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime="image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, s3_endpoint):
+    import boto3
+    from ray import serve
+
+    from minigpt4.config import from_dict, to_dict
+    from minigpt4.serving import ServeSettings, deployment_class
+
+    boto3.client("s3").create_bucket(Bucket="serve-images")
+    boto3.client("s3").put_object(Bucket="serve-images", Key="red.png", Body=png())
+    boto3.client("s3").create_bucket(Bucket="private-images")
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    dep = deployment_class().options(ray_actor_options={"num_cpus": 0.5,
+                                                        "runtime_env": {"env_vars": {"MINIGPT4_API_KEY": KEY}}})
+    serve.run(dep.bind(to_dict(from_dict(ServeSettings, SETTINGS))), name="minigpt4", route_prefix="/",
+              blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    import time
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(base + "/healthz", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    yield base
+    serve.delete("minigpt4")
+    serve.shutdown()
+
+
+def auth(key=KEY):
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_openai_client_chat_matches_the_model_called_directly(server, client):
+    import torch
+
+    from minigpt4.config import from_dict
+    from minigpt4.generate import SamplingParams
+    from minigpt4.serving import ServeSettings, conversation_from_messages
+    from minigpt4.weights import load_pretrained
+
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png())}},
+                                             {"type": "text", "text": "Describe this image."}]},
+                {"role": "assistant", "content": "A red square."},
+                {"role": "user", "content": "What colour is it?"}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=12)
+    c = r.choices[0]
+    assert r.object == "chat.completion" and r.model == MODEL and c.message.role == "assistant"
+    assert c.finish_reason in ("stop", "length")
+    assert r.usage.completion_tokens >= 1 and r.usage.prompt_tokens > 32  # 32 image tokens + the history
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+    # the replica's answer is the model's own: same weights (seed 0), same prompt, same engine
+    s = from_dict(ServeSettings, SETTINGS)
+    torch.manual_seed(0)
+    model, tok, _ = load_pretrained(s.model_config(), s.weights)
+    prompt, images, _ = conversation_from_messages(messages, model.cfg.template, model.cfg.image_size, s)
+    direct = model.eval().generate(tok, [prompt], [torch.cat(images)], SamplingParams(max_new_tokens=12, stop=("###",)))
+    assert c.message.content == direct[0].text.strip()
+
+    # streamed: the deltas add up to the same answer, then a finish reason, usage and [DONE]
+    stream = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=12,
+                                            stream=True, stream_options={"include_usage": True})
+    text, finish, usage = "", None, None
+    for chunk in stream:
+        if chunk.usage:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            text += ch.delta.content or ""
+            finish = ch.finish_reason or finish
+    assert text.strip() == c.message.content and finish == c.finish_reason
+    assert usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_sse_wire_format_n_and_stop(server):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True, "n": 2,
+            "max_tokens": 5, "temperature": 0.8, "seed": 1}
+    with requests.post(server + "/v1/chat/completions", json=body, headers=auth(), stream=True, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines(decode_unicode=True) if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    finished = {ch["index"] for c in chunks for ch in c["choices"] if ch["finish_reason"]}
+    assert finished == {0, 1} and all(c["object"] == "chat.completion.chunk" for c in chunks)
+
+    r = requests.post(server + "/v1/chat/completions", headers=auth(), timeout=60, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "n": 3, "max_tokens": 6, "stop": ["e", "a"]})
+    out = r.json()
+    assert r.status_code == 200 and [c["index"] for c in out["choices"]] == [0, 1, 2]
+    assert all("e" not in c["message"]["content"] and "a" not in c["message"]["content"] for c in out["choices"])
+
+
+def test_captions_route_and_s3_images(server):
+    r = requests.post(server + "/v1/captions", headers=auth(), timeout=60,
+                      json={"images": [data_url(png()), "s3://serve-images/red.png"], "max_tokens": 8})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [d["index"] for d in out["data"]] == [0, 1]
+    assert out["data"][0]["caption"] == out["data"][1]["caption"]  # the same image, greedy
+    assert out["usage"]["completion_tokens"] >= 2
+
+
+def test_concurrent_requests_share_batches(server):
+    before = requests.get(server + "/healthz", timeout=10).json()["batches"]
+    results = []
+
+    def one(i):
+        r = requests.post(server + "/v1/chat/completions", headers=auth(), timeout=60,
+                          json={"model": MODEL, "messages": [{"role": "user", "content": f"question {i}"}],
+                                "max_tokens": 20, "temperature": 0})
+        results.append(r.status_code)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [200] * 8
+    batches = requests.get(server + "/healthz", timeout=10).json()["batches"] - before
+    assert batches < 8, f"8 concurrent requests took {batches} batches"
+
+
+def test_web_page_is_self_contained(server):
+    r = requests.get(server + "/", timeout=10)
+    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    page = r.text
+    for needed in ('type="file"', 'id="temperature"', 'id="beams"', 'id="maxtokens"', 'id="restart"',
+                   "/v1/chat/completions", "stream: true"):
+        assert needed in page
+    assert "http://" not in page and "https://" not in page and "<link" not in page  # no CDN assets
+
+
+ERRORS = [  # (body or raw bytes, headers, status, substring of the message)
+    ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, None, 404, "does not exist"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]},
+     None, 400, "invalid base64"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(b"not an image")}}]}]},
+     None, 400, "not_image"),
+    ({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]}, None, 400,
+     "unsupported content part"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png((300, 300)))}}]}]},
+     None, 413, "too_large"),
+    ({"messages": [{"role": "user", "content": "x" * 400_000}]}, None, 413, "exceeds"),
+    (b"{not json", None, 400, "not valid JSON"),
+    ({"messages": []}, None, 400, "non-empty"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, None, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, None, 400, "temperature"),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, None, 400, "last message"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "s3://private-images/x.png"}}]}]},
+     None, 400, "not allowed"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/a.png"}}]}]},
+     None, 400, "not a public address"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]},
+     None, 400, "allow-list"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]},
+     None, 400, "must be a data:"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, {"Authorization": "Bearer wrong"}, 401, "API key"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, {}, 401, "API key"),
+]
+
+
+@pytest.mark.parametrize("body,headers,status,message", ERRORS, ids=[f"{e[2]}-{e[3][:20]}" for e in ERRORS])
+def test_error_cases_are_openai_shaped(server, body, headers, status, message):
+    kw = {"data": body, "headers": {**auth(), "Content-Type": "application/json"}} if isinstance(body, bytes) \
+        else {"json": body, "headers": auth()}
+    if headers is not None:
+        kw["headers"] = {k: v for k, v in kw["headers"].items() if k != "Authorization"} | headers
+    r = requests.post(server + "/v1/chat/completions", timeout=60, **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert message in err["message"] and set(err) >= {"message", "type", "param", "code"}
+    assert "Traceback" not in r.text and 'File "' not in r.text
+
+
+def test_auth_covers_every_api_route_but_not_health(server):
+    assert requests.get(server + "/healthz", timeout=10).status_code == 200
+    assert requests.get(server + "/", timeout=10).status_code == 200
+    for method, path in (("get", "/v1/models"), ("get", f"/v1/models/{MODEL}"), ("post", "/v1/captions"),
+                         ("post", "/v1/chat/completions")):
+        r = getattr(requests, method)(server + path, timeout=10, json={} if method == "post" else None)
+        assert r.status_code == 401, (path, r.status_code)
+    assert requests.get(server + "/v1/models/nope", headers=auth(), timeout=10).status_code == 404
+
+
+def test_overload_answers_503_instead_of_queueing(server):
+    codes = []
+
+    def one():
+        r = requests.post(server + "/v1/chat/completions", headers=auth(), timeout=120,
+                          json={"model": MODEL, "messages": [{"role": "user", "content": "long"}], "n": 4,
+                                "max_tokens": 200, "temperature": 0.7})
+        codes.append(r.status_code)
+        if r.status_code == 503:
+            assert r.json()["error"]["code"] == "overloaded" and r.headers["Retry-After"]
+
+    threads = [threading.Thread(target=one) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes
