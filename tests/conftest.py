@@ -1,7 +1,10 @@
 """Session fixtures: one local S3 server (moto, loopback) and, on demand, one local Ray cluster."""
 from __future__ import annotations
 
+import base64
+import io
 import os
+import socket
 
 import pytest
 
@@ -73,3 +76,77 @@ def ray_cluster(s3_endpoint):
     DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+# -- the serving app (tests/test_serving*.py) ------------------------------------------------------
+KEY = "test-key-123"
+MODEL = "minigpt4-tiny"
+SETTINGS = {"model": {"preset": "tiny"}, "max_body_bytes": 300_000, "max_image_pixels": 200 * 200,
+            "s3_buckets": ["serve-images"], "http_fetch": True, "http_hosts": ["127.0.0.1", "localhost"],
+            "max_batch_size": 8, "batch_wait_ms": 20, "max_queue": 12, "default_max_tokens": 16}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png(size=(32, 32), colour=(200, 30, 30)) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime="image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, s3_endpoint):
+    import boto3
+    from ray import serve
+
+    from minigpt4.config import from_dict, to_dict
+    from minigpt4.serving import ServeSettings, deployment_class
+
+    boto3.client("s3").create_bucket(Bucket="serve-images")
+    boto3.client("s3").put_object(Bucket="serve-images", Key="red.png", Body=png())
+    boto3.client("s3").create_bucket(Bucket="private-images")
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    dep = deployment_class().options(ray_actor_options={"num_cpus": 0.5,
+                                                        "runtime_env": {"env_vars": {"MINIGPT4_API_KEY": KEY}}})
+    serve.run(dep.bind(to_dict(from_dict(ServeSettings, SETTINGS))), name="minigpt4", route_prefix="/",
+              blocking=False)
+    base = f"http://127.0.0.1:{port}"
+    import time
+
+    import requests
+
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if requests.get(base + "/healthz", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    yield base
+    serve.delete("minigpt4")
+    serve.shutdown()
+
+
+def auth(key=KEY):
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
