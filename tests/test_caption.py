@@ -266,3 +266,31 @@ def test_detect_format_and_prompts(tmp_path):
         "[INST] <Img><ImageHere></Img> Describe it. [/INST] ", ("</s>",))
     assert caption_prompt("", "raw", "vicuna_v0") == ("<ImageHere>", ("\n",))
     assert caption_prompt("A photo of <ImageHere>:", "raw", "vicuna_v0")[0] == "A photo of <ImageHere>:"
+
+
+def test_committer_dedups_retried_rows_and_repeated_keys(tmp_path):
+    """Rows a retried task delivers twice count once; a key the input holds twice keeps its first row;
+    a unit commits when all its rows (by ordinal) are in, data file before marker."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from minigpt4.caption import Committer
+
+    def batch(rows):  # (key, ordinal, unit_rows, caption)
+        return {"key": np.array([r[0] for r in rows], object), "unit": np.array(["u1"] * len(rows), object),
+                "unit_row": np.array([r[1] for r in rows]), "unit_rows": np.array([r[2] for r in rows]),
+                "caption": np.array([r[3] for r in rows], object), "finish_reason": np.array(["stop"] * len(rows), object),
+                "prompt_tokens": np.ones(len(rows), np.int32), "generated_tokens": np.full(len(rows), 3, np.int32),
+                "seconds": np.ones(len(rows), np.float32)}
+
+    c = Committer(str(tmp_path), None, {"prompt": "p", "params": "{}", "model": "tiny", "weights": "random"})
+    c.add(batch([("a", 0, -1, "first a"), ("b", 1, -1, "b")]))
+    c.add(batch([("a", 0, -1, "first a")]))  # a retried task's copy
+    assert c.duplicates == 1 and not (tmp_path / "_done").exists()
+    c.add(batch([("a", 2, 3, "second a")]))  # the input repeats key a; the unit's last row says 3 rows
+    assert c.units == 1 and c.duplicate_keys == 1 and not c.pending
+    rows = pq.read_table(tmp_path / "data" / "u1.parquet").to_pylist()
+    assert [(r["key"], r["caption"]) for r in rows] == [("a", "first a"), ("b", "b")]
+    assert json.loads((tmp_path / "_done" / "u1.json").read_text()) == {"unit": "u1", "rows": 2}
+    c.add(batch([("b", 1, -1, "b")]))  # late copy of a committed unit's row
+    assert c.duplicates == 2 and not c.pending

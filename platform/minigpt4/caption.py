@@ -230,7 +230,8 @@ class Captioner:
         self.batches += 1
         if self._fail_after and self.batches >= self._fail_after[0]:
             _fire(self._fail_after[1])
-        return {"key": batch["key"], "unit": batch["unit"], "unit_rows": batch["unit_rows"],
+        return {"key": batch["key"], "unit": batch["unit"], "unit_row": batch["unit_row"],
+                "unit_rows": batch["unit_rows"],
                 "caption": np.array(captions, dtype=object), "finish_reason": np.array(reasons, dtype=object),
                 "prompt_tokens": prompt_tokens, "generated_tokens": new_tokens, "seconds": seconds}
 
@@ -262,7 +263,7 @@ class Committer:
         self.output, self.s3, self.columns = output, s3, columns  # constant columns (prompt, params, ...)
         self.pending: dict[str, dict] = {}
         self.committed: set[str] = set()
-        self.units = self.rows = self.tokens = self.duplicates = 0
+        self.units = self.rows = self.tokens = self.duplicates = self.duplicate_keys = 0
 
     def add(self, batch: dict) -> None:
         for j in range(len(batch["key"])):
@@ -275,11 +276,11 @@ class Committer:
             if total >= 0:
                 p["total"] = total
             if total != 0:  # a placeholder carries no caption
-                key = str(batch["key"][j])
-                if key in p["rows"]:
+                ordinal = int(batch["unit_row"][j])
+                if ordinal in p["rows"]:  # the same row again, from a retried task
                     self.duplicates += 1
-                p["rows"][key] = {c: batch[c][j] for c in ("caption", "finish_reason", "prompt_tokens",
-                                                            "generated_tokens", "seconds")}
+                p["rows"][ordinal] = {c: batch[c][j] for c in ("key", "caption", "finish_reason", "prompt_tokens",
+                                                                "generated_tokens", "seconds")}
             if p["total"] is not None and len(p["rows"]) >= p["total"]:
                 self.commit(u, self.pending.pop(u))
                 self.committed.add(u)
@@ -288,9 +289,15 @@ class Committer:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        keys = sorted(p["rows"])
+        by_key: dict[str, dict] = {}
+        for _, r in sorted(p["rows"].items()):  # a key the input holds twice: its first row wins
+            if str(r["key"]) in by_key:
+                self.duplicate_keys += 1
+                continue
+            by_key[str(r["key"])] = r
+        keys = sorted(by_key)
         if keys:
-            rows = [p["rows"][k] for k in keys]
+            rows = [by_key[k] for k in keys]
             n = len(keys)
             table = pa.table({
                 "key": pa.array(keys, pa.string()),
@@ -434,6 +441,7 @@ def run(cfg: CaptionConfig, say=print) -> dict:
         "units_skipped_as_done": len(skip), "units_done_total": len(done),
         "errors": report.errors, "errors_total": report.skipped,
         "generated_tokens": committer.tokens, "duplicates_dropped": committer.duplicates,
+        "duplicate_input_keys": committer.duplicate_keys,
         "wall_seconds": round(wall, 2), "first_captions_seconds": round(first or 0.0, 2),
         "images_per_second": round(committer.rows / wall, 3) if wall else 0.0,
         "generated_tokens_per_second": round(committer.tokens / wall, 2) if wall else 0.0,
@@ -454,6 +462,9 @@ def format_summary(s: dict) -> str:
     if s["units_skipped_as_done"]:
         lines.append(f"  {s['units_skipped_as_done']:,} units were already done; the output now holds "
                      f"{s['units_done_total']:,} committed units")
+    if s["duplicate_input_keys"]:
+        lines.append(f"  {s['duplicate_input_keys']:,} rows repeated a key already in their unit: the first row of "
+                     "each key was kept")
     if s["units_cut_short"]:
         lines.append(f"  limit: {s['units_cut_short']} units cut short were written without commit markers")
     lines.append(f"  errors: {s['errors_total']:,}" + "".join(f"\n    {n:>8,}  {r}" for r, n in

@@ -133,10 +133,10 @@ def process_units(batch: dict, *, source: SourceConfig, process: ProcessConfig, 
     """Ray Data UDF: each input row is a unit; yields blocks of processed rows as they fill.
 
     markers: add the unit's position to every row (`unit` = its `source_unit_hash`, `unit_epoch`,
-    `unit_index`; on its last row `unit_rows` = rows delivered and `unit_last` = last of its epoch;
-    -1 / False before) so that a consumer can tell when a unit is fully consumed (`PositionTracker`,
-    the caption job's committer). A unit with no good sample then yields one placeholder row
-    (`unit_rows` 0, no pixels worth reading) that consumers drop. The unit's error report is written
+    `unit_index`, `unit_row` = the row's ordinal in the unit; on its last row `unit_rows` = rows
+    delivered and `unit_last` = last of its epoch, -1 / False before) so that a consumer can tell when
+    a unit is fully consumed (`PositionTracker`, the caption job's committer). A unit with no good
+    sample then yields one placeholder row (`unit_rows` 0, no pixels worth reading) that consumers drop. The unit's error report is written
     before its last rows leave, so a consumer that has seen a whole unit can count on its report."""
     processor = Processor(process)
     for unit_json in batch["unit"]:
@@ -153,7 +153,8 @@ def process_units(batch: dict, *, source: SourceConfig, process: ProcessConfig, 
                 continue
             row["source"] = source.name
             if markers:
-                row.update(unit=uhash, unit_epoch=unit_epoch, unit_index=unit["index"], unit_rows=-1, unit_last=False)
+                row.update(unit=uhash, unit_epoch=unit_epoch, unit_index=unit["index"], unit_row=stats.delivered,
+                           unit_rows=-1, unit_last=False)
             rows.append(row)
             stats.delivered += 1
             if len(rows) > rows_per_block:  # one row held back: the unit's last row carries its totals
@@ -179,8 +180,8 @@ def _placeholder(process: ProcessConfig, source: SourceConfig, unit: dict, uhash
            "caption": ""}
     if process.needs_caption:
         row.update(input_ids=np.zeros(0, np.int64), labels=np.zeros(0, np.int64), prompt_len=0)
-    return row | {"source": source.name, "unit": uhash, "unit_epoch": unit_epoch, "unit_index": unit["index"], "unit_rows": 0,
-                  "unit_last": unit["last"]}
+    return row | {"source": source.name, "unit": uhash, "unit_epoch": unit_epoch, "unit_index": unit["index"],
+                  "unit_row": -1, "unit_rows": 0, "unit_last": unit["last"]}
 
 
 def build_dataset(source: SourceConfig, process: ProcessConfig, *, errors: str | None = None,
