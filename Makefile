@@ -13,6 +13,13 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml
 	@# every pip call carries the torch pin: anything else pulls GBs of CUDA wheels
 	$(PIP) install -q -c constraints.txt -r requirements.txt
 	$(PIP) install -q -c constraints.txt --no-deps --no-build-isolation -e .
+	@# Chromium for tests/test_serving_browser.py, from Debian, best effort: without it that test is skipped
+	@if { [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; } && command -v apt-get >/dev/null 2>&1 \
+	    && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing chromium + chromium-driver (apt) for the browser test"; \
+	  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; } \
+	    || { echo "warning: apt could not install chromium; tests/test_serving_browser.py will be skipped"; true; }; \
+	fi
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -181,3 +181,45 @@ def test_overload_answers_503_instead_of_queueing(server):
     for t in threads:
         t.join()
     assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes
+
+
+def test_serve_bench_runs_on_cpu_and_writes_its_table(tmp_path):
+    """bench/serve.py (the GPU benchmark at real sizes) must keep working: on CPU it runs the tiny preset."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "bench/serve.py", "--streams", "1", "2", "--rounds", "1", "--new-tokens", "4",
+                          "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    rows = json.loads((tmp_path / "serve.json").read_text())["rows"]
+    assert set(rows) == {"serve, 1 streams", "serve, 2 streams", "HF generate, batch 1", "HF generate, batch 2"}
+    assert rows["serve, 2 streams"]["requests"] == 2 and rows["serve, 1 streams"]["tokens_per_s"] > 0
+    assert "| serve, 2 streams |" in (tmp_path / "serve.md").read_text()
+
+
+def test_messages_render_in_each_models_template():
+    """OpenAI messages -> MiniGPT-4's conversation: Vicuna v0 `###` turns and LLaMA-2 `[INST]` turns,
+    one `<ImageHere>` per image, the system message replacing MiniGPT-4's."""
+    from minigpt4.serving import APIError, ServeSettings, conversation_from_messages
+
+    s = ServeSettings()
+    msgs = [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png())}},
+                                         {"type": "text", "text": "What is it?"}]},
+            {"role": "assistant", "content": "A square."},
+            {"role": "user", "content": [{"type": "text", "text": "Colour?"}]}]
+    prompt, images, _ = conversation_from_messages(msgs, "vicuna_v0", 32, s)
+    assert prompt == ("Be brief.###Human: <Img><ImageHere></Img> What is it?###Assistant: A square.###"
+                      "Human: Colour?###Assistant: ")
+    assert len(images) == 1 and tuple(images[0].shape) == (1, 3, 32, 32)
+    prompt, _, _ = conversation_from_messages(msgs, "llama2", 32, s)
+    assert prompt == ("Be brief.<s>[INST] <Img><ImageHere></Img> What is it? [/INST] A square.<s>[INST] Colour? "
+                      "[/INST] ")
+    with pytest.raises(APIError, match="images go in user messages"):
+        conversation_from_messages([{"role": "assistant", "content": [{"type": "image_url", "image_url": {
+            "url": data_url(png())}}]}, {"role": "user", "content": "x"}], "vicuna_v0", 32, s)
+    too_many = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png())}}] * 5}]
+    with pytest.raises(APIError, match="at most 4 images"):
+        conversation_from_messages(too_many, "vicuna_v0", 32, s)

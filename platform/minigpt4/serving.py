@@ -204,8 +204,13 @@ def _float(body: dict, name: str, default: float, lo: float, hi: float) -> float
     return float(v)
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
+MIN_SAMPLING_TEMPERATURE = 1e-4
+
+
 def sampling_params(body: dict, s: ServeSettings, template_stop: tuple[str, ...]):
-    """OpenAI request fields -> SamplingParams (temperature 0 = greedy; `num_beams` is our extension)."""
+    """OpenAI request fields -> SamplingParams (temperature 0 = greedy; `num_beams`, `repetition_penalty`
+    and `min_tokens` are extensions)."""
     from .generate import SamplingParams
 
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -223,17 +228,21 @@ def sampling_params(body: dict, s: ServeSettings, template_stop: tuple[str, ...]
         raise APIError(400, "stop must be a non-empty string or a list of up to 4 of them", param="stop")
     beams = _int(body, "num_beams", 1, 1, 8)
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise APIError(400, "seed must be an integer", param="seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not SEED_MIN <= seed <= SEED_MAX):
+        raise APIError(400, f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}]", param="seed")
     penalty = _float(body, "repetition_penalty", 1.0, 0.5, 2.0)
-    return SamplingParams(max_new_tokens=max_tokens, do_sample=temperature > 0 and beams == 1,
-                          temperature=temperature if temperature > 0 else 1.0, top_p=top_p, num_beams=beams,
+    min_tokens = _int(body, "min_tokens", 0, 0, max_tokens)  # vLLM's extension: EOS is masked before it
+    greedy = temperature < MIN_SAMPLING_TEMPERATURE  # argmax in effect; logits / ~0 overflow float32 to inf/nan
+    return SamplingParams(max_new_tokens=max_tokens, min_new_tokens=min_tokens,
+                          do_sample=not greedy and beams == 1,
+                          temperature=1.0 if greedy else temperature, top_p=top_p, num_beams=beams,
                           repetition_penalty=penalty, stop=tuple(template_stop) + tuple(stop), seed=seed)
 
 
 def conversation_from_messages(messages, template: str, image_size: int, s: ServeSettings):
     """OpenAI `messages` -> (prompt text with one `<ImageHere>` per image, [pixels (1,3,S,S)])."""
-    from .prompts import CHAT_SYSTEM, Conversation
+    from .prompts import CHAT_SYSTEM, IMAGE_PLACEHOLDER, Conversation
 
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list", param="messages")
@@ -251,6 +260,9 @@ def conversation_from_messages(messages, template: str, image_size: int, s: Serv
         for j, p in enumerate(parts):
             kind = p.get("type") if isinstance(p, dict) else None
             if kind == "text" and isinstance(p.get("text"), str):
+                if IMAGE_PLACEHOLDER in p["text"]:
+                    raise APIError(400, f"messages[{i}].content[{j}]: text must not contain {IMAGE_PLACEHOLDER} "
+                                        "(send images as image_url parts)", param="messages")
                 texts.append(p["text"])
             elif kind == "image_url" and role == "user":
                 url = p.get("image_url")
@@ -357,6 +369,58 @@ class Batcher:
                 log.exception("generation batch failed")
                 for j in jobs:
                     j.deliver("error", e)
+
+
+# -- the documented request bodies (/openapi.json; the routes read raw JSON and validate it themselves) --
+_LIMITS = ServeSettings()
+_IMAGE_URL_DOC = "data:image/...;base64,<data>, s3://<allowed bucket>/key, or http(s):// of an allowed host"
+_MAX_TOKENS = {"type": "integer", "minimum": 1, "maximum": _LIMITS.max_tokens_limit,
+               "description": f"at most the server's max_tokens_limit (default {_LIMITS.max_tokens_limit})"}
+_CONTENT_PART = {"oneOf": [
+    {"type": "object", "required": ["type", "text"],
+     "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}},
+    {"type": "object", "required": ["type", "image_url"],
+     "properties": {"type": {"type": "string", "enum": ["image_url"]},
+                    "image_url": {"type": "object", "required": ["url"],
+                                  "properties": {"url": {"type": "string", "description": _IMAGE_URL_DOC}}}}},
+]}
+CHAT_REQUEST_SCHEMA = {
+    "type": "object", "required": ["messages"],
+    "properties": {
+        "model": {"type": "string"},
+        "messages": {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["role", "content"],
+            "properties": {"role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
+                           "content": {"oneOf": [{"type": "string"},
+                                                 {"type": "array", "items": _CONTENT_PART}]}}}},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "max_tokens": _MAX_TOKENS,
+        "n": {"type": "integer", "minimum": 1, "maximum": _LIMITS.max_n,
+              "description": f"at most the server's max_n (default {_LIMITS.max_n})"},
+        "stop": {"oneOf": [{"type": "string", "minLength": 1},
+                           {"type": "array", "maxItems": 4, "items": {"type": "string", "minLength": 1}}]},
+        "stream": {"type": "boolean"},
+        "seed": {"type": "integer", "description": "in [-2**63, 2**64 - 1]"},
+        "num_beams": {"type": "integer", "minimum": 1, "maximum": 8, "description": "extension: beam search"},
+    },
+}
+CAPTIONS_REQUEST_SCHEMA = {
+    "type": "object", "required": ["images"],
+    "properties": {
+        "images": {"type": "array", "minItems": 1, "maxItems": _LIMITS.max_batch_size,
+                   "items": {"oneOf": [{"type": "string", "description": _IMAGE_URL_DOC},
+                                       {"type": "object", "required": ["url"],
+                                        "properties": {"url": {"type": "string"}}}]}},
+        "prompt": {"type": "string"},
+        "template": {"type": "string", "enum": ["chat", "raw"]},
+        "max_tokens": _MAX_TOKENS,
+    },
+}
+
+
+def _body_doc(schema: dict) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 # -- the deployment --------------------------------------------------------------------------------
@@ -514,7 +578,7 @@ def deployment_class():
         def _model_card(self) -> dict:
             return {"id": self.s.model_id, "object": "model", "created": self.created, "owned_by": "minigpt4"}
 
-        @api.post("/v1/chat/completions")
+        @api.post("/v1/chat/completions", openapi_extra=_body_doc(CHAT_REQUEST_SCHEMA))
         async def chat(self, request: Request):
             body = await self._json(request)
             self._check_model(body)
@@ -580,7 +644,7 @@ def deployment_class():
                                        "total_tokens": prompt_tokens + completion_tokens})
             yield "data: [DONE]\n\n"
 
-        @api.post("/v1/captions")
+        @api.post("/v1/captions", openapi_extra=_body_doc(CAPTIONS_REQUEST_SCHEMA))
         async def captions(self, request: Request):
             from .caption import caption_prompt
 
@@ -596,6 +660,8 @@ def deployment_class():
             template = body.get("template", "chat")
             if not isinstance(prompt_text, str) or template not in ("chat", "raw"):
                 raise APIError(400, "prompt must be a string and template chat or raw", param="prompt")
+            if prompt_text.count("<ImageHere>") > 1:
+                raise APIError(400, "prompt may hold one <ImageHere> (where the image goes), not more", param="prompt")
             prompt, stop = caption_prompt(prompt_text, template, self.template)
             body.setdefault("temperature", 0)
             params = sampling_params({**body, "stop": None}, self.s, stop)

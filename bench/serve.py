@@ -1,0 +1,196 @@
+"""Online serving throughput: our Serve app at 1, 8 and 32 concurrent streams next to Hugging Face
+`generate` at the same batch sizes, measured in the same run.
+
+    python bench/serve.py                      # GPU: vicuna7b at real sizes, random weights, bf16
+    python bench/serve.py --preset tiny        # CPU (what CI runs): the tiny preset
+    python bench/serve.py --streams 1 8 32 --new-tokens 128
+
+Every request streams a chat completion about one image with `min_tokens` = `max_tokens` (random
+weights cannot stop early, so every row does the same work). Rows of the table:
+- `serve, N streams`: N clients in threads, each sending `--rounds` requests back to back over HTTP
+  (SSE) to one replica; aggregate generated tok/s over the wall time, median time to first token,
+  and per-stream tok/s (tokens after the first / time after the first).
+- `HF generate, batch N`: `llm.generate(inputs_embeds=...)` greedy in this process on the same
+  prompt embeddings (image encoded once per batch): the in-process baseline without HTTP.
+Results also go to `<out>/serve.json` and `.md`.
+"""
+import argparse
+import base64
+import io
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+PROMPT = "Describe this image in detail."
+
+
+def image_url() -> str:
+    import random
+
+    from minigpt4 import synthetic
+
+    buf = io.BytesIO()
+    synthetic.render(synthetic.random_scene(random.Random(0), 2), 224).save(buf, "JPEG", quality=90)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def hf_row(cfg, batch: int, new_tokens: int, device) -> dict:
+    import torch
+
+    from minigpt4.images import load_image, preprocess
+    from minigpt4.model import build_model
+    from minigpt4.prompts import CHAT_SYSTEM, Conversation
+    from minigpt4.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    model = build_model(cfg, device=device).eval()
+    tok = load_tokenizer()
+    conv = Conversation.for_template(cfg.template, system=CHAT_SYSTEM)
+    url = image_url()
+    px = torch.from_numpy(preprocess(load_image(base64.b64decode(url.split(",", 1)[1])), cfg.image_size))[None]
+    conv.add_image(px)
+    conv.ask(PROMPT)
+    pixels = px.repeat(batch, 1, 1, 1).to(device)
+
+    def run():
+        with torch.no_grad():
+            x = torch.stack(model.generation_inputs(tok, [conv.prompt()] * batch, pixels))
+            out = model.llm.generate(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long,
+                                                                                  device=device),
+                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        return out.shape[0] * min(out.shape[1], new_tokens)
+
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    tokens = run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t
+    del model
+    return {"tokens_per_s": tokens / dt, "per_stream_tokens_per_s": tokens / batch / dt, "ttft_s": None}
+
+
+def stream_once(base: str, model: str, url: str, new_tokens: int) -> tuple[float, float, int]:
+    """(time to first token, seconds, completion tokens) of one streamed request."""
+    import requests
+
+    body = {"model": model, "stream": True, "max_tokens": new_tokens, "min_tokens": new_tokens, "temperature": 0,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                      {"type": "text", "text": PROMPT}]}]}
+    t0 = time.perf_counter()
+    first, tokens = None, 0
+    with requests.post(base + "/v1/chat/completions", json=body, stream=True, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines(decode_unicode=True):
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and any(c.get("delta", {}).get("content") for c in chunk["choices"]):
+                first = time.perf_counter() - t0
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return first or 0.0, time.perf_counter() - t0, tokens
+
+
+def serve_rows(preset: str, streams: list[int], rounds: int, new_tokens: int, gpu: bool) -> dict:
+    import socket
+
+    import ray
+    from ray import serve
+
+    from minigpt4.config import from_dict, to_dict
+    from minigpt4.serving import ServeSettings, deployment_class
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray.init(include_dashboard=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    model = {"preset": preset} | ({"llm_dtype": "bf16", "vision_dtype": "bf16"} if gpu and preset != "tiny" else {})
+    settings = from_dict(ServeSettings, {"model": model, "max_batch_size": max(streams), "max_queue": 4 * max(streams),
+                                         "max_tokens_limit": max(new_tokens, 300), "batch_wait_ms": 5})
+    dep = deployment_class().options(max_ongoing_requests=max(streams) * 2,
+                                     ray_actor_options={"num_cpus": 1, "num_gpus": 1 if gpu else 0})
+    serve.run(dep.bind(to_dict(settings)), name="bench", route_prefix="/")
+    base, url = f"http://127.0.0.1:{port}", image_url()
+    rows = {}
+    try:
+        stream_once(base, settings.model_id, url, 4)  # warm-up
+        for n in streams:
+            results: list[tuple[float, float, int]] = []
+            lock = threading.Lock()
+
+            def client():
+                for _ in range(rounds):
+                    r = stream_once(base, settings.model_id, url, new_tokens)
+                    with lock:
+                        results.append(r)
+
+            threads = [threading.Thread(target=client) for _ in range(n)]
+            t = time.perf_counter()
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            wall = time.perf_counter() - t
+            tokens = sum(r[2] for r in results)
+            rows[f"serve, {n} streams"] = {
+                "tokens_per_s": tokens / wall, "ttft_s": statistics.median(r[0] for r in results),
+                "per_stream_tokens_per_s": statistics.median((r[2] - 1) / max(r[1] - r[0], 1e-9) for r in results),
+                "requests": len(results)}
+            print(f"[bench] serve {n} streams: {rows[f'serve, {n} streams']['tokens_per_s']:.1f} tok/s", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return rows
+
+
+def main(argv=None) -> int:
+    import torch
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gpu = torch.cuda.is_available()
+    ap.add_argument("--preset", default="vicuna7b" if gpu else "tiny")
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--rounds", type=int, default=2, help="requests per stream")
+    ap.add_argument("--new-tokens", type=int, default=128 if gpu else 32)
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args(argv)
+
+    from minigpt4.model import preset
+
+    cfg = preset(args.preset, **({"llm_dtype": "bf16", "vision_dtype": "bf16"} if gpu and args.preset != "tiny" else {}))
+    device = torch.device("cuda" if gpu else "cpu")
+    if not gpu:
+        torch.set_num_threads(min(os.cpu_count() or 1, 8))
+    name = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
+    print(f"[bench] serving: preset {args.preset}, streams {args.streams}, {args.new_tokens} new tokens, {name}",
+          flush=True)
+    rows = serve_rows(args.preset, args.streams, args.rounds, args.new_tokens, gpu)
+    for n in args.streams:
+        rows[f"HF generate, batch {n}"] = hf_row(cfg, n, args.new_tokens, device)
+    lines = [f"Serving, preset `{args.preset}`, {args.new_tokens} new tokens/request, {name}", "",
+             "| path | aggregate tok/s | per-stream tok/s | median TTFT (s) |", "|---|---:|---:|---:|"]
+    for label, r in rows.items():
+        ttft = f"{r['ttft_s']:.3f}" if r.get("ttft_s") is not None else "-"
+        lines.append(f"| {label} | {r['tokens_per_s']:.1f} | {r['per_stream_tokens_per_s']:.1f} | {ttft} |")
+    table = "\n".join(lines)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "serve.md").write_text(table + "\n")
+    (out / "serve.json").write_text(json.dumps({"preset": args.preset, "new_tokens": args.new_tokens, "device": name,
+                                                "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
