@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     if "caption job (end to end)" in rows:
         r = rows["caption job (end to end)"]
         lines += ["", f"The job's {r['seconds']:.1f} s include {r['first_captions_seconds']:.1f} s before the first "
-                      "captions (listing, actor start-up, model load)."]
+                      "captions reached the driver (listing, actor start-up, model load)."]
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)
