@@ -318,6 +318,7 @@ class Batcher:
         self.q: queue.Queue[_Job] = queue.Queue()
         self.waiting_rows = 0
         self.batches = 0
+        self._carry: list[_Job] = []  # taken from the queue but left for the next batch (batcher thread only)
         self._lock = threading.Lock()
         threading.Thread(target=self._loop, name="minigpt4-batcher", daemon=True).start()
 
@@ -327,7 +328,7 @@ class Batcher:
         self.q.put(job)
 
     def _take(self) -> list[_Job]:
-        jobs = [self.q.get()]
+        jobs = [self._carry.pop(0) if self._carry else self.q.get()]
         if jobs[0].beams:  # beam search runs alone: it needs one num_beams for the whole batch
             return jobs
         rows = len(jobs[0].prompts)
@@ -343,8 +344,7 @@ class Batcher:
                 break
             jobs.append(job)
             rows += len(job.prompts)
-        for job in held:  # next batch (order among waiting jobs is kept well enough for fairness)
-            self.q.put(job)
+        self._carry += held  # first in the next batch: a job that did not fit keeps its place
         return jobs
 
     def _loop(self) -> None:
