@@ -20,12 +20,12 @@ The image encoder runs once per batch in every row. Results also go to `<out>/ca
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import machine, write_results  # bench/ is the script's directory, first on sys.path
 
 
 def _sync(device):
@@ -99,6 +99,7 @@ def job_row(preset: str, images: int, batch_size: int, new_tokens: int, gpu: boo
 
     from minigpt4 import caption, synthetic
     from minigpt4.data import io as uio
+    from minigpt4.generate import SamplingParams
     from minigpt4.s3server import LocalS3
 
     server = LocalS3().start()
@@ -118,7 +119,7 @@ def job_row(preset: str, images: int, batch_size: int, new_tokens: int, gpu: boo
         DataContext.get_current().enable_progress_bars = False
         cfg = caption.CaptionConfig(
             input="s3://bench/images/", output=str(workdir / "captions"), model={"preset": preset},
-            sampling=caption.Sampling(max_new_tokens=new_tokens, min_new_tokens=new_tokens),
+            sampling=SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens),
             batch_size=batch_size, unit_size=max(batch_size, 64), num_gpus=1 if gpu else 0,
             cpus_per_actor=1, concurrency=[1], preprocess_cpus=1, log_every=30)
         s = caption.run(cfg, say=lambda line: print(line, flush=True))
@@ -143,14 +144,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
 
-    from minigpt4.model import preset
-
-    dtype = {"llm_dtype": "bf16", "vision_dtype": "bf16"} if gpu and args.preset != "tiny" else {}
-    cfg = preset(args.preset, **dtype)
-    device = torch.device("cuda" if gpu else "cpu")
-    if not gpu:
-        torch.set_num_threads(min(os.cpu_count() or 1, 8))
-    name = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
+    cfg, device, name = machine(args.preset)
     print(f"[bench] captioning: preset {args.preset}, batch {args.batch_size}, {args.new_tokens} new tokens, "
           f"{name}", flush=True)
     rows = engine_rows(cfg, args.batch_size, args.new_tokens, args.batches, device, static=gpu)
@@ -167,14 +161,8 @@ def main(argv=None) -> int:
         r = rows["caption job (end to end)"]
         lines += ["", f"The job's {r['seconds']:.1f} s include {r['first_captions_seconds']:.1f} s before the first "
                       "captions reached the driver (listing, actor start-up, model load)."]
-    table = "\n".join(lines)
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "caption.md").write_text(table + "\n")
-    (out / "caption.json").write_text(json.dumps({"preset": args.preset, "batch_size": args.batch_size,
-                                                  "new_tokens": args.new_tokens, "device": name, "rows": rows},
-                                                 indent=1))
+    write_results(args.out, "caption", "\n".join(lines), {"preset": args.preset, "batch_size": args.batch_size,
+                                                           "new_tokens": args.new_tokens, "device": name, "rows": rows})
     return 0
 
 

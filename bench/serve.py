@@ -18,12 +18,12 @@ import argparse
 import base64
 import io
 import json
-import os
 import statistics
 import sys
 import threading
 import time
-from pathlib import Path
+
+from _common import machine, write_results  # bench/ is the script's directory, first on sys.path
 
 PROMPT = "Describe this image in detail."
 
@@ -165,13 +165,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
 
-    from minigpt4.model import preset
-
-    cfg = preset(args.preset, **({"llm_dtype": "bf16", "vision_dtype": "bf16"} if gpu and args.preset != "tiny" else {}))
-    device = torch.device("cuda" if gpu else "cpu")
-    if not gpu:
-        torch.set_num_threads(min(os.cpu_count() or 1, 8))
-    name = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
+    cfg, device, name = machine(args.preset)
     print(f"[bench] serving: preset {args.preset}, streams {args.streams}, {args.new_tokens} new tokens, {name}",
           flush=True)
     rows = serve_rows(args.preset, args.streams, args.rounds, args.new_tokens, gpu)
@@ -182,13 +176,8 @@ def main(argv=None) -> int:
     for label, r in rows.items():
         ttft = f"{r['ttft_s']:.3f}" if r.get("ttft_s") is not None else "-"
         lines.append(f"| {label} | {r['tokens_per_s']:.1f} | {r['per_stream_tokens_per_s']:.1f} | {ttft} |")
-    table = "\n".join(lines)
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serve.md").write_text(table + "\n")
-    (out / "serve.json").write_text(json.dumps({"preset": args.preset, "new_tokens": args.new_tokens, "device": name,
-                                                "rows": rows}, indent=1))
+    write_results(args.out, "serve", "\n".join(lines),
+                  {"preset": args.preset, "new_tokens": args.new_tokens, "device": name, "rows": rows})
     return 0
 
 

@@ -28,6 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import machine, write_results  # bench/ is the script's directory, first on sys.path
+
 
 def naive_loop(cfg, batch_size: int, text_tokens: int, steps: int, warmup: int, device) -> dict:
     import torch
@@ -133,14 +135,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
 
-    from minigpt4.model import preset
-
-    dtype = {"llm_dtype": "bf16", "vision_dtype": "bf16"} if gpu and args.preset != "tiny" else {}
-    cfg = preset(args.preset, **dtype)
-    device = torch.device("cuda" if gpu else "cpu")
-    if not gpu:
-        torch.set_num_threads(min(os.cpu_count() or 1, 8))
-    name = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
+    cfg, device, name = machine(args.preset)
     print(f"[bench] stage-1 step: preset {args.preset}, batch {args.batch_size}, {args.steps} steps, {name}", flush=True)
     rows = {"naive eager loop": naive_loop(cfg, args.batch_size, args.text_tokens, args.steps, args.warmup, device)}
     print(f"[bench] naive: {rows['naive eager loop']['samples_per_s']:.1f} samples/s", flush=True)
@@ -154,13 +149,8 @@ def main(argv=None) -> int:
         mem = f"{r['gpu_mem_gb']:.1f}" if r.get("gpu_mem_gb") else "-"
         wait = f"{100 * r['data_wait']:.0f}%" if "data_wait" in r else "-"
         lines.append(f"| {label} | {r['samples_per_s']:.1f} | {r['samples_per_s'] / base:.2f}x | {wait} | {mem} |")
-    table = "\n".join(lines)
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_step.md").write_text(table + "\n")
-    (out / "train_step.json").write_text(json.dumps({"preset": args.preset, "batch_size": args.batch_size,
-                                                     "device": name, "rows": rows}, indent=1))
+    write_results(args.out, "train_step", "\n".join(lines),
+                  {"preset": args.preset, "batch_size": args.batch_size, "device": name, "rows": rows})
     return 0
 
 
