@@ -68,11 +68,12 @@ def caption_input(s3_endpoint, tmp_path_factory):
 
 
 def job(inp, output, **kw):
-    from minigpt4.caption import CaptionConfig, Sampling
+    from minigpt4.caption import CaptionConfig
+    from minigpt4.generate import SamplingParams
     from minigpt4.weights import WeightsConfig
 
     base = dict(input=inp.input, output=str(output), weights=WeightsConfig(minigpt4=inp.weights), unit_size=UNIT,
-                batch_size=8, sampling=Sampling(max_new_tokens=12), concurrency=[1], preprocess_cpus=0.5,
+                batch_size=8, sampling=SamplingParams(max_new_tokens=12), concurrency=[1], preprocess_cpus=0.5,
                 cpus_per_actor=0.5, log_every=1.0)
     return CaptionConfig(**{**base, **kw})
 
@@ -131,7 +132,7 @@ def test_caption_job_equals_direct_generate_and_reruns_as_noop(ray_cluster, capt
     pixels = torch.from_numpy(np.stack([preprocess(load_image(uio.read_bytes(caption_input.input + k)), 32)
                                         for k in keys]))
     prompt, stop = caption.caption_prompt(cfg.prompt, cfg.template, model.cfg.template)
-    direct = model.generate(tok, [prompt] * len(keys), pixels, cfg.sampling.params(stop))
+    direct = model.generate(tok, [prompt] * len(keys), pixels, cfg.sampling_params(stop))
     got = {x["key"]: x["caption"] for x in rows}
     assert {k: c.text.strip() for k, c in zip(keys, direct)} == got
 

@@ -57,25 +57,7 @@ JOB_FILE, SUMMARY_FILE = "_job.json", "_summary.json"
 PINNED = ("input", "format", "unit_size", "image_column", "key_column", "prompt", "template", "sampling", "model",
           "weights")
 FAIL_AFTER_ENV = "MINIGPT4_CAPTION_FAIL_AFTER"  # tests: "<batches>:<flag file>" kills one actor once
-
-
-@dataclass
-class Sampling:
-    """Decoding of every caption (greedy by default: reproducible captions)."""
-
-    max_new_tokens: int = 128
-    min_new_tokens: int = 0
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float = 1.0
-    num_beams: int = 1
-    length_penalty: float = 1.0
-    seed: int | None = None
-
-    def params(self, stop: tuple[str, ...]) -> SamplingParams:
-        return SamplingParams(**dataclasses.asdict(self), stop=stop)
+CAPTION_MAX_NEW_TOKENS = 128  # a caption's default length (SamplingParams' own default, 300, suits chat)
 
 
 @dataclass
@@ -96,7 +78,9 @@ class CaptionConfig:
     template: str = "chat"
     """chat: the prompt inside the model's conversation template (MiniGPT-4's); raw: the prompt as is,
     generation stopping at a newline (stage-1 style captions)."""
-    sampling: Sampling = field(default_factory=Sampling)
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=CAPTION_MAX_NEW_TOKENS))
+    """Decoding of every caption (greedy by default: reproducible captions); `stop` adds to the
+    template's stop string."""
     model: dict = field(default_factory=lambda: {"preset": "tiny"})
     """Preset + ModelConfig overrides, e.g. {preset: vicuna7b, quantize_llm: 8bit}."""
     weights: WeightsConfig = field(default_factory=WeightsConfig)
@@ -128,10 +112,13 @@ class CaptionConfig:
             raise ValueError(f"concurrency must be [n] or [min, max] with 1 <= min <= max, got {self.concurrency}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
-        self.sampling.params(())  # validates the decoding parameters now, not in every actor
         w = self.weights.minigpt4
         if isinstance(w, list) and len(w) == 1:  # one file, however it was given: the same job
             self.weights.minigpt4 = w[0]
+
+    def sampling_params(self, stop: tuple[str, ...]) -> SamplingParams:
+        """The decoding parameters with the template's stop strings first."""
+        return self.sampling.replace(stop=tuple(stop) + self.sampling.stop)
 
     def model_config(self):
         from .model import preset
@@ -206,7 +193,7 @@ class Captioner:
         self.model, self.tokenizer, _ = load_pretrained(cfg.model_config(), cfg.weights, device=device)
         self.model.eval()
         self.prompt, stop = caption_prompt(cfg.prompt, cfg.template, self.model.cfg.template)
-        self.params = cfg.sampling.params(stop)
+        self.params = cfg.sampling_params(stop)
         self.batches = 0
         self._fail_after = _fail_after()
         log.info("captioner ready on %s in %.1fs", device, time.time() - t)
@@ -385,6 +372,7 @@ def run(cfg: CaptionConfig, say=print) -> dict:
     if not cfg.output:
         raise ValueError("output is required (a local directory or an s3:// prefix)")
     source = source_config(cfg)
+    cfg = dataclasses.replace(cfg, format=source.format)  # pinned as detected: a resume must read it the same way
     model_cfg = cfg.model_config()
     if cfg.overwrite:
         n = clear_output(cfg.output, s3)
@@ -434,11 +422,10 @@ def run(cfg: CaptionConfig, say=print) -> dict:
     if committer.pending:  # cannot happen unless a unit lost rows: say so rather than drop them quietly
         raise RuntimeError(f"{len(committer.pending)} units ended incomplete: {sorted(committer.pending)[:3]}")
     report = summarize(errors, s3)
-    done = done_units(cfg.output, s3)
     summary = {
         "input": cfg.input, "output": cfg.output, "format": source.format, "model": model_cfg.name,
         "images_captioned": committer.rows, "units_committed": committer.units, "units_cut_short": partial,
-        "units_skipped_as_done": len(skip), "units_done_total": len(done),
+        "units_skipped_as_done": len(skip), "units_done_total": len(skip) + committer.units,
         "errors": report.errors, "errors_total": report.skipped,
         "generated_tokens": committer.tokens, "duplicates_dropped": committer.duplicates,
         "duplicate_input_keys": committer.duplicate_keys,
@@ -515,7 +502,8 @@ def main(argv: list[str] | None = None) -> int:
                     "num_beams": args.num_beams}
         if args.temperature is not None:
             sampling["do_sample"] = True
-        data["sampling"] = {**data.get("sampling", {}), **{k: v for k, v in sampling.items() if v is not None}}
+        data["sampling"] = {"max_new_tokens": CAPTION_MAX_NEW_TOKENS, **data.get("sampling", {}),
+                            **{k: v for k, v in sampling.items() if v is not None}}
         if not data.get("input"):
             from .embedded import start_embedded
 
@@ -533,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.output and not uio.is_s3(cfg.output):
             cfg.output = os.path.abspath(cfg.output)
         cfg.model_config()
-        source_config(cfg)  # an input that cannot be read or told apart fails here, before Ray starts
+        cfg.format = source_config(cfg).format  # an unreadable or unknown input fails here, before Ray starts
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         if embedded:
