@@ -9,7 +9,7 @@ import threading
 import pytest
 import requests
 
-from conftest import KEY, MODEL, SETTINGS, auth, data_url, png  # noqa: E402  (fixtures: server, client)
+from conftest import MODEL, SETTINGS, auth, data_url, png  # the fixtures server and client live there too
 
 
 def test_openai_client_chat_matches_the_model_called_directly(server, client):

@@ -25,9 +25,7 @@ link-local address, no redirects). Errors are JSON in OpenAI's shape, never stac
 import asyncio
 import base64
 import binascii
-import dataclasses
 import hmac
-import io
 import ipaddress
 import json
 import logging
@@ -580,13 +578,15 @@ def deployment_class():
 
         @api.post("/v1/chat/completions", openapi_extra=_body_doc(CHAT_REQUEST_SCHEMA))
         async def chat(self, request: Request):
+            import torch
+
             body = await self._json(request)
             self._check_model(body)
             n = _int(body, "n", 1, 1, self.s.max_n)
             params = sampling_params(body, self.s, self.stop)
             prompt, images, _ = await asyncio.to_thread(conversation_from_messages, body.get("messages"),
                                                         self.template, self.model.cfg.image_size, self.s)
-            pixels = __import__("torch").cat(images) if images else None
+            pixels = torch.cat(images) if images else None
             out = self._submit([prompt] * n, [pixels] * n, [params] * n)
             rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
             self._metrics["requests"].inc(tags={"route": "chat"})
