@@ -551,3 +551,58 @@ def test_mixture_streams_of_several_epochs_report_their_last_epoch():
                   epochs_per_stream=3)
     assert [next(mix)[1] for _ in range(6)] == [4, 4, 7, 7, 10, 10]
     assert opened == [4, 7, 10] and ended == [6, 9]
+
+
+def test_unit_cache_serves_later_epochs_with_identical_rows(ray_cluster, tmp_path, tiny_tokenizer):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "00000.tar").write_bytes(make_tar([good(f"a{i}", i) for i in range(6)] +
+                                                [("a9", {"jpg": b"<html>", "txt": b"not an image"})]))
+    (shards / "00001.tar").write_bytes(make_tar([good(f"b{i}", 50 + i) for i in range(5)]))
+    source = SourceConfig(str(shards / "{00000..00001}.tar"), name="w")
+    stage2 = ProcessConfig(task="stage2", **TINY)  # the instruction is drawn per epoch: tokens differ by epoch
+
+    def rows(cache_dir, errors):
+        got = build_dataset(source, stage2, errors=str(errors), epochs=2, markers=True,
+                            cache_dir=str(cache_dir) if cache_dir else None).take_all()
+        return {(r["key"], r["unit_epoch"]): r for r in got}, summarize(str(errors))
+
+    plain, plain_report = rows(None, tmp_path / "e0")
+    cached, cached_report = rows(tmp_path / "cache", tmp_path / "e1")
+    assert len(plain) == 2 * 11 and plain.keys() == cached.keys()
+    for k, r in plain.items():
+        for col in ("pixel_values", "input_ids", "labels", "caption", "prompt_len"):
+            assert np.array_equal(r[col], cached[k][col]), (k, col)
+    assert not np.array_equal(plain[("a0", 0)]["input_ids"], plain[("a0", 1)]["input_ids"]) or \
+        not np.array_equal(plain[("a1", 0)]["input_ids"], plain[("a1", 1)]["input_ids"])
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2  # one file per unit, written in epoch 0
+    # with the shards gone, a run on the same cache still delivers every row and the same bad sample
+    for f in shards.iterdir():
+        f.unlink()
+    again, again_report = rows(tmp_path / "cache", tmp_path / "e2")
+    assert again.keys() == plain.keys()
+    assert np.array_equal(again[("b3", 1)]["pixel_values"], plain[("b3", 1)]["pixel_values"])
+    # a unit's report is rewritten each epoch under the unit's name: the cached epochs report the same
+    assert plain_report.errors == cached_report.errors == again_report.errors == {"not_image": 1}
+    assert again_report.delivered == plain_report.delivered == 11
+
+
+def test_unit_cache_skips_transient_failures_and_refuses_random_crops(tmp_path):
+    from minigpt4.data.pipeline import UnitCache
+
+    source, unit = SourceConfig(str(tmp_path / "x.tar")), {"id": "u1"}
+    cache = UnitCache(str(tmp_path / "c"), source, ProcessConfig(task="stage1", **TINY))
+    px = np.zeros((32, 32, 3), np.uint8)
+    assert not cache.store(unit, [("k", "a cat", px)], [("x.tar", "unreadable", "connection reset")])
+    assert cache.load(unit) is None
+    assert cache.store(unit, [("k", "a cat", px)], [("k2", "corrupt", "bad jpeg")])
+    samples, errors = cache.load(unit)
+    assert [(k, c) for k, c, _ in samples] == [("k", "a cat")] and errors == [("k2", "corrupt", "bad jpeg")]
+    # another image size is another file
+    other = UnitCache(str(tmp_path / "c"), source, ProcessConfig(task="stage1", image_size=64, num_image_tokens=4))
+    assert other.load(unit) is None
+    with pytest.raises(ValueError, match="random crops"):
+        UnitCache(str(tmp_path / "c"), source, ProcessConfig(task="stage1", augment="random_resized_crop", **TINY))
+    with pytest.raises(ValueError, match="random crops"):
+        build_dataset(source, ProcessConfig(task="stage1", augment="random_resized_crop", **TINY),
+                      cache_dir=str(tmp_path / "c"))

@@ -91,9 +91,20 @@ def to_rgb(img):
 
 def preprocess(img, size: int) -> np.ndarray:
     """MiniGPT-4's eval processor: bicubic resize to (size, size), [0, 1], CLIP mean/std -> (3, S, S) float32."""
+    return normalize(resize(img, size))
+
+
+def resize(img, size: int) -> np.ndarray:
+    """The first half of `preprocess`: bicubic resize to (size, size) -> (S, S, 3) uint8 (12x smaller
+    than the normalized floats at 224 px: what the data pipeline's unit cache keeps)."""
     from PIL import Image
 
-    arr = np.asarray(img.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+    return np.asarray(img.resize((size, size), Image.BICUBIC), dtype=np.uint8)
+
+
+def normalize(arr: np.ndarray) -> np.ndarray:
+    """The second half of `preprocess`: (S, S, 3) uint8 -> [0, 1], CLIP mean/std -> (3, S, S) float32."""
+    arr = arr.astype(np.float32) / 255.0
     arr = (arr - np.asarray(CLIP_MEAN, dtype=np.float32)) / np.asarray(CLIP_STD, dtype=np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 

@@ -126,27 +126,49 @@ class Processor:
 
     def __call__(self, raw: RawSample, epoch: int = 0) -> dict:
         cfg = self.cfg
-        rng = random.Random(f"{cfg.seed}:{epoch}:{raw.key}")
-        row = {"key": raw.key}
-        if cfg.needs_caption:  # cheap checks first: a bad caption skips the decode
-            caption = decode_caption(raw.caption)
-            if cfg.clean_captions:
-                caption = clean_caption(caption, cfg.max_words)
-                if not caption:
-                    raise SampleError("empty_caption", "caption is empty after cleaning")
-        else:
-            caption = raw.caption or ""
+        if cfg.augment == "random_resized_crop":  # the crop depends on the epoch: decode and crop here
+            caption = self._caption(raw)
+            img = self._load(raw)
+            rng = random.Random(f"{cfg.seed}:{epoch}:{raw.key}")
+            pixels = images.preprocess_train(img, cfg.image_size, rng, tuple(cfg.crop_scale))
+            return self._row(raw.key, caption, pixels, rng)
+        return self.finish(*self.decode(raw), epoch)
+
+    def decode(self, raw: RawSample) -> tuple[str, str, np.ndarray]:
+        """The epoch-independent half (augment `resize` only): caption checks, image decode and resize
+        -> (key, caption, (S, S, 3) uint8). `finish` turns it into the row; the unit cache keeps it."""
+        if self.cfg.augment != "resize":
+            raise ValueError(f"decode() needs augment 'resize', not {self.cfg.augment!r} (crops vary by epoch)")
+        caption = self._caption(raw)  # cheap checks first: a bad caption skips the decode
+        return raw.key, caption, images.resize(self._load(raw), self.cfg.image_size)
+
+    def finish(self, key: str, caption: str, pixels: np.ndarray, epoch: int = 0) -> dict:
+        """`decode`'s output -> the row: normalized pixels, tokens (instruction drawn for this epoch)."""
+        rng = random.Random(f"{self.cfg.seed}:{epoch}:{key}")
+        return self._row(key, caption, images.normalize(pixels), rng)
+
+    def _caption(self, raw: RawSample) -> str:
+        cfg = self.cfg
+        if not cfg.needs_caption:
+            return raw.caption or ""
+        caption = decode_caption(raw.caption)
+        if cfg.clean_captions:
+            caption = clean_caption(caption, cfg.max_words)
+            if not caption:
+                raise SampleError("empty_caption", "caption is empty after cleaning")
+        return caption
+
+    def _load(self, raw: RawSample):
+        cfg = self.cfg
         try:
-            img = images.load_image(raw.image or b"", name=raw.key, max_pixels=cfg.max_pixels,
-                                    max_aspect=cfg.max_aspect,
-                                    draft=2 * cfg.image_size if cfg.fast_decode else None)
+            return images.load_image(raw.image or b"", name=raw.key, max_pixels=cfg.max_pixels,
+                                     max_aspect=cfg.max_aspect, draft=2 * cfg.image_size if cfg.fast_decode else None)
         except images.ImageError as e:
             raise SampleError(e.reason, str(e)) from None
-        if cfg.augment == "random_resized_crop":
-            row["pixel_values"] = images.preprocess_train(img, cfg.image_size, rng, tuple(cfg.crop_scale))
-        else:
-            row["pixel_values"] = images.preprocess(img, cfg.image_size)
-        row["caption"] = caption
+
+    def _row(self, key: str, caption: str, pixels: np.ndarray, rng: random.Random) -> dict:
+        cfg = self.cfg
+        row = {"key": key, "pixel_values": pixels, "caption": caption}
         if cfg.task == "caption":
             return row
         prompt = None if cfg.task == "stage1" else prompts.stage2_prompt(cfg.template, rng)
