@@ -587,10 +587,14 @@ class PositionTracker:
 def position_board():
     """A `PositionBoard` actor: training rank 0 posts each source's resume position there before
     reading, and the listing task reads it when an execution starts (a run's first, and each one
-    after a worker failure)."""
+    after a worker failure). It lives on the driver's node: a worker node that dies (a reclaimed
+    spot instance) must not take it along, or no restarted run could find where to resume."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    @ray.remote(num_cpus=0)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+
+    @ray.remote(num_cpus=0, scheduling_strategy=here)
     class PositionBoard:
         def __init__(self):
             self.positions: dict[str, dict] = {}
