@@ -76,7 +76,16 @@ class TrainConfig:
     shuffle_buffer: int = 0  # rows in each worker's local shuffle buffer
     torch_threads: int = 0  # intra-op threads per worker (0: Ray's default, the worker's whole CPUs)
     fail_at_step: int | None = None  # fault injection (tests): rank 1 dies once at this step
+    # extra Ray resources each worker needs, e.g. {"accelerator_type:A100": 0.001} to land on A100
+    # nodes, or a custom node resource of your cluster; a worker is placed only where all are free
+    worker_resources: dict = field(default_factory=dict)
+
     def __post_init__(self):
+        bad = {k: v for k, v in self.worker_resources.items()
+               if not isinstance(k, str) or isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0}
+        if bad or any(k in ("CPU", "GPU") for k in self.worker_resources):
+            raise ValueError(f"train.worker_resources: resource names with amounts > 0, not CPU/GPU (use "
+                             f"cpus_per_worker / gpus_per_worker); got {self.worker_resources}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.stage not in (1, 2):
@@ -482,7 +491,7 @@ def run(job: JobConfig):
         cache_dir = os.path.join(job.data.cache_dir or tempfile.gettempdir(), "minigpt4-unit-cache",
                                  f"{t.name}-{uuid.uuid4().hex[:12]}")
     datasets = job.data.datasets(process, epochs=job.data.epochs_per_pass, board=board, cache_dir=cache_dir)
-    resources = {"CPU": t.cpus_per_worker}
+    resources = {"CPU": t.cpus_per_worker, **t.worker_resources}
     if t.use_gpu:
         resources["GPU"] = t.gpus_per_worker
     run_dir = f"{t.storage_path.rstrip('/')}/{t.name}"
