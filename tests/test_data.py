@@ -598,6 +598,9 @@ def test_unit_cache_skips_transient_failures_and_refuses_random_crops(tmp_path):
     assert cache.store(unit, [("k", "a cat", px)], [("k2", "corrupt", "bad jpeg")])
     samples, errors = cache.load(unit)
     assert [(k, c) for k, c, _ in samples] == [("k", "a cat")] and errors == [("k2", "corrupt", "bad jpeg")]
+    with open(cache.path(unit), "wb") as f:  # damaged on disk: a miss, not a crash
+        f.write(b"PK\x03\x04 not a whole zip")
+    assert cache.load(unit) is None
     # another image size is another file
     other = UnitCache(str(tmp_path / "c"), source, ProcessConfig(task="stage1", image_size=64, num_image_tokens=4))
     assert other.load(unit) is None

@@ -135,7 +135,7 @@ UNCACHED_REASONS = frozenset({"missing", "unreadable", "truncated_tar", "unreada
 
 class UnitCache:
     """Node-local cache of decoded units, for small datasets trained for many epochs (the demo's
-    8,000 scenes x 16 epochs; a 3.5k-sample stage 2). The first read of a unit on a node keeps its
+    8,000 scenes x 20 epochs; a 3.5k-sample stage 2). The first read of a unit on a node keeps its
     samples' keys, captions and resized uint8 pixels (3 KB a sample at 32 px, 150 KB at 224 px) plus
     its bad-sample records in one `.npz`; later epochs on that node load it instead of reading the
     object store, untarring and decoding again. Only the epoch-independent half of processing is
@@ -167,12 +167,14 @@ class UnitCache:
 
     def load(self, unit: dict) -> tuple[list[tuple[str, str, np.ndarray]], list[tuple[str, str, str]]] | None:
         """(samples as (key, caption, pixels), errors as (key, reason, detail)) or None on a miss."""
+        import zipfile
+
         try:
             with np.load(self.path(unit), allow_pickle=False) as z:
                 meta = json.loads(z["meta"].tobytes().decode())
                 pixels = z["pixels"]
-        except (OSError, ValueError, KeyError):  # a miss, or a file cut short by a crash: read the source
-            return None
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # a miss or a damaged file:
+            return None  # read the source (and store it again)
         return list(zip(meta["keys"], meta["captions"], pixels)), [tuple(e) for e in meta["errors"]]
 
     def store(self, unit: dict, samples: list[tuple[str, str, np.ndarray]], errors: list[tuple[str, str, str]]) -> bool:
