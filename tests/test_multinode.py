@@ -57,8 +57,16 @@ def test_stage1_job_spreads_over_nodes_and_survives_losing_one(cluster, tmp_path
                  "train.torch_threads=1", "train.epochs=1", "train.iters_per_epoch=80", "train.batch_size=16",
                  "train.checkpoint_every=20", "train.log_every=10", "train.shuffle_buffer=0",
                  f"train.storage_path={tmp_path / 'runs'}"]
-    job_id = client.submit_job(entrypoint=f"cd {REPO} && {sys.executable} jobs/pretrain.py " + " ".join(overrides),
-                               runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    def submit():  # the head's job agent starts after its dashboard: until then Ray answers 500
+        try:
+            return client.submit_job(entrypoint=f"cd {REPO} && {sys.executable} jobs/pretrain.py " + " ".join(overrides),
+                                     runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+        except RuntimeError as e:
+            if "No available agent" in str(e):
+                return None
+            raise
+
+    job_id = _wait(submit, 120, "the head's job agent to take the job", every=1.0)
 
     def status():
         s = client.get_job_status(job_id)
