@@ -2,15 +2,18 @@
 (`ray.cluster_utils.Cluster`, each node its own raylet and object store), a custom resource standing
 in for the GPU of a GPU node. The stage-1 job (embedded default, shortened) goes in through the Jobs
 API, as `ray job submit` sends it; its two workers must land on two different nodes, and a worker
-node removed mid-run must end in a run resumed from its last checkpoint and completed."""
+node removed mid-run must end in a run resumed from its last checkpoint and completed.
+
+The scenario runs in its own interpreter, apart from the suite's session cluster, and the simulated
+head's job agent gets a free port: on the default one (52365, the session cluster's) it never came up."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 NODE_RESOURCE = "sim_gpu_node"  # one per worker node, as a GPU node has its GPUs
@@ -26,18 +29,22 @@ def _wait(cond, timeout: float, what: str, every: float = 0.25):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-@pytest.fixture(scope="module")
-def cluster():
+def _start_cluster():
     from ray.cluster_utils import Cluster
 
+    import socket
+
+    with socket.socket() as s:  # the job agent's port: the default (52365) may be another cluster's
+        s.bind(("127.0.0.1", 0))
+        agent_port = s.getsockname()[1]
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": True,
                                                       "dashboard_host": "127.0.0.1",
+                                                      "dashboard_agent_listen_port": agent_port,
                                                       "object_store_memory": 256 * 1024**2})
     workers = [c.add_node(num_cpus=1, resources={NODE_RESOURCE: 1}, object_store_memory=128 * 1024**2)
                for _ in range(3)]
     c.wait_for_nodes()
-    yield c, workers
-    c.shutdown()
+    return c, workers
 
 
 def _train_workers(address: str) -> list[dict]:
@@ -46,10 +53,26 @@ def _train_workers(address: str) -> list[dict]:
     return list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
 
 
-def test_stage1_job_spreads_over_nodes_and_survives_losing_one(cluster, tmp_path):
+def test_stage1_job_spreads_over_nodes_and_survives_losing_one(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    r = subprocess.run([sys.executable, __file__, str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout[-3000:] + "\n" + r.stderr[-6000:])
+    assert "scenario passed" in r.stdout
+
+
+def scenario(tmp_path: Path) -> None:
+    c, workers = _start_cluster()
+    try:
+        _scenario(c, workers, tmp_path)
+    finally:
+        c.shutdown()
+    print("scenario passed")
+
+
+def _scenario(c, workers, tmp_path: Path) -> None:
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    c, workers = cluster
     dashboard = "http://" + c.head_node.address_info["webui_url"]
     client = JobSubmissionClient(dashboard)
     run_dir = tmp_path / "runs" / "pretrain"
@@ -108,3 +131,7 @@ def test_stage1_job_spreads_over_nodes_and_survives_losing_one(cluster, tmp_path
     assert (run_dir / "minigpt4_stage1.pth").exists()
     logs = client.get_job_logs(job_id)
     assert "done in" in logs
+
+
+if __name__ == "__main__":
+    scenario(Path(sys.argv[1]))
