@@ -133,6 +133,11 @@ def _write_unit_report(stats: UnitStats, errors: str, s3: uio.S3Options | None) 
 UNCACHED_REASONS = frozenset({"missing", "unreadable", "truncated_tar", "unreadable_parquet"})
 
 
+def _check_cacheable(process: ProcessConfig) -> None:
+    if process.augment != "resize":
+        raise ValueError("data.cache needs process.augment 'resize': random crops differ every epoch")
+
+
 class UnitCache:
     """Node-local cache of decoded units, for small datasets trained for many epochs (the demo's
     8,000 scenes x 20 epochs; a 3.5k-sample stage 2). The first read of a unit on a node keeps its
@@ -151,12 +156,11 @@ class UnitCache:
     def __init__(self, root: str, source: SourceConfig, process: ProcessConfig):
         import os
 
-        if process.augment != "resize":
-            raise ValueError("data.cache needs process.augment 'resize': random crops differ every epoch")
+        _check_cacheable(process)
         self.root = root
         os.makedirs(root, exist_ok=True)
         ident = {"source": {k: v for k, v in asdict(source).items() if k != "ratio"},
-                 "decode": [process.task != "caption", process.image_size, process.max_pixels, process.max_aspect,
+                 "decode": [process.image_size, process.max_pixels, process.max_aspect,
                             process.fast_decode, process.clean_captions, process.max_words, process.task]}
         self._ident = json.dumps(ident, sort_keys=True, default=str)
 
@@ -231,17 +235,22 @@ def _decoded_samples(source: SourceConfig, unit: dict, stats: UnitStats, s3: uio
         yield from samples
         return
     kept: list = []
-    for raw in read_unit(source, unit, stats, s3, need_caption=processor.cfg.needs_caption):
-        try:
-            sample = processor.decode(raw)
-        except SampleError as e:
-            stats.error(raw.key, e.reason, str(e))
-            continue
+    for sample in _each_sample(source, unit, stats, s3, processor, processor.decode):
         if cache:
             kept.append(sample)
         yield sample
     if cache:
         cache.store(unit, kept, stats.errors)
+
+
+def _each_sample(source: SourceConfig, unit: dict, stats: UnitStats, s3: uio.S3Options | None,
+                 processor: Processor, fn: Callable) -> Iterator:
+    """`fn(raw)` for each sample the unit reads; a `SampleError` goes to `stats` and skips the sample."""
+    for raw in read_unit(source, unit, stats, s3, need_caption=processor.cfg.needs_caption):
+        try:
+            yield fn(raw)
+        except SampleError as e:
+            stats.error(raw.key, e.reason, str(e))
 
 
 def process_units(batch: dict, *, source: SourceConfig, process: ProcessConfig, errors: str | None,
@@ -293,11 +302,7 @@ def process_units(batch: dict, *, source: SourceConfig, process: ProcessConfig, 
 def _unit_rows(source: SourceConfig, unit: dict, stats: UnitStats, s3: uio.S3Options | None, processor: Processor,
                cache: UnitCache | None, epoch: int) -> Iterator[dict]:
     if processor.cfg.augment != "resize":  # crops vary by epoch: decode and crop in one go
-        for raw in read_unit(source, unit, stats, s3, need_caption=processor.cfg.needs_caption):
-            try:
-                yield processor(raw, epoch)
-            except SampleError as e:
-                stats.error(raw.key, e.reason, str(e))
+        yield from _each_sample(source, unit, stats, s3, processor, lambda raw: processor(raw, epoch))
         return
     for key, caption, pixels in _decoded_samples(source, unit, stats, s3, processor, cache):
         yield processor.finish(key, caption, pixels, epoch)
@@ -335,8 +340,8 @@ def build_dataset(source: SourceConfig, process: ProcessConfig, *, errors: str |
 
     if epochs is None or epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if cache_dir and process.augment != "resize":
-        raise ValueError("data.cache needs process.augment 'resize': random crops differ every epoch")
+    if cache_dir:
+        _check_cacheable(process)
 
     listing = ray.data.read_datasource(_unit_datasource(source, s3, shuffle_seed, epoch, epochs, board,
                                                         frozenset(skip_units)), num_cpus=0,
