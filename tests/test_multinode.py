@@ -98,8 +98,12 @@ def _scenario(c, workers, tmp_path: Path) -> None:
         return s
 
     # both workers up: on two worker nodes (never the head, which has no NODE_RESOURCE)
-    placed = _wait(lambda: status() and (lambda a: a if len(a) == 2 else None)(_train_workers(dashboard)),
-                   240, "two training workers")
+    def both_placed():
+        status()
+        actors = _train_workers(dashboard)
+        return actors if len(actors) == 2 else None
+
+    placed = _wait(both_placed, 240, "two training workers")
     nodes = {a["node_id"] for a in placed}
     assert len(nodes) == 2 and c.head_node.node_id not in nodes
     # the run's own bookkeeping actor stays with the driver: a lost worker node must not take it along
