@@ -1,21 +1,31 @@
-"""Captioning throughput: our generation engine next to Hugging Face `generate`, at the same batch
-size on the same prompt embeddings, measured in the same run; then the whole caption job.
+"""Captioning throughput: our generation engine (static KV cache, and its simple path) next to Hugging
+Face `generate`, at the same batch sizes on the same prompt embeddings, measured in the same run; then
+the whole caption job.
 
-    python bench/caption.py                        # GPU: vicuna7b at real sizes, random weights, bf16
-    python bench/caption.py --preset tiny          # CPU (what CI runs): the tiny preset, fp32
-    python bench/caption.py --batch-size 64 --new-tokens 128 --batches 3
+    python bench/caption.py                          # GPU: vicuna7b at real sizes, random weights, bf16
+    python bench/caption.py --preset tiny            # CPU (what CI runs): the tiny preset, fp32
+    python bench/caption.py --batch-size 64 256 --new-tokens 128 --batches 3
 
-Rows of the table (images/s and generated tok/s; every row generates exactly `--new-tokens` tokens
-per image, `min_new_tokens` = `max_new_tokens`, so random weights cannot stop early and every row
-does the same work):
-- `HF generate (dynamic cache)`: `llm.generate(inputs_embeds=..., attention_mask=...)` greedy over
-  the same left-padded prompts ([BOS] + `<Img>` + 32 image tokens + MiniGPT-4's chat prompt).
-- `HF generate (static cache)`: the same with `cache_implementation="static"` (GPU only).
-- `our engine`: `GenerationEngine.generate`, greedy, per-sample stop strings on.
-- `caption job (end to end)`: `minigpt4.caption.run` over `--job-images` synthetic JPEGs on a local
-  S3 server: read, decode, preprocess, the actor pool, parquet commit (CPU: tiny model; GPU: one
-  actor with the preset at random weights).
-The image encoder runs once per batch in every row. Results also go to `<out>/caption.json` and `.md`.
+Rows per batch size (every row generates exactly `--new-tokens` tokens per image, `min_new_tokens` =
+`max_new_tokens`, so random weights cannot stop early and every row does the same work; the image
+encoder runs once per batch in every row):
+- `HF generate (dynamic cache)`: `llm.generate(inputs_embeds=..., attention_mask=...)` greedy over the
+  same prompts ([BOS] + `<Img>` + 32 image tokens + MiniGPT-4's chat prompt).
+- `HF generate (static cache)`: the same with `cache_implementation="static"` (GPU only; transformers
+  compiles its forward, in the untimed warm-up call).
+- `our engine, simple path`: `GenerationEngine(static=False)`: DynamicCache, eager decode loop.
+- `our engine`: `GenerationEngine`, the static slot engine (on GPU its decode step compiled and
+  replayed as CUDA graphs), per-sample stop strings on.
+- `caption job (end to end)`, at the largest batch size: `minigpt4.caption.run` over `--job-images`
+  synthetic JPEGs on a local S3 server: read, decode, preprocess, the actor pool, parquet commit
+  (CPU: tiny model; GPU: one actor with the preset at random weights).
+Columns: generated tok/s, images/s, time to first token (a 1-token run of the whole batch: image
+encoding, prefill, first token), peak GPU memory over the timed runs (weights included), and the
+ratio to the best HF row at that batch size. Every path must give our engine's tokens (up to where
+the stop string ends our rows): in fp32 (CPU) any difference fails the run; in bf16 the share of
+identical rows is reported.
+Results also go to `<out>/caption.json` (`rows`: the largest batch size and the job; `by_batch`:
+every batch size) and `.md`.
 """
 from __future__ import annotations
 
@@ -27,6 +37,10 @@ from pathlib import Path
 
 from _common import machine, write_results  # bench/ is the script's directory, first on sys.path
 
+HF_DYNAMIC, HF_STATIC = "HF generate (dynamic cache)", "HF generate (static cache)"
+OURS_SIMPLE, OURS = "our engine, simple path", "our engine"
+JOB = "caption job (end to end)"
+
 
 def _sync(device):
     import torch
@@ -35,64 +49,98 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def engine_rows(cfg, batch_size: int, new_tokens: int, batches: int, device, static: bool) -> dict:
+def build(cfg, device):
     import torch
 
-    from minigpt4.generate import GenerationEngine, SamplingParams
     from minigpt4.model import build_model
-    from minigpt4.prompts import END_SYMS, INSTRUCTION_TEMPLATES
     from minigpt4.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
     model = build_model(cfg, device=device).eval()
     model._cast_vision({"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.vision_dtype, torch.float32))
-    tok = load_tokenizer()
+    return model, load_tokenizer()
+
+
+def generators(model, tok, cfg, batch_size: int, device, gpu: bool) -> dict:
+    """Row label -> run(new_tokens) -> generated token ids per image, every run from the pixels on."""
+    import torch
+
+    from minigpt4.generate import GenerationEngine, SamplingParams
+    from minigpt4.prompts import END_SYMS, INSTRUCTION_TEMPLATES
+
     prompt = INSTRUCTION_TEMPLATES[cfg.template].format("<Img><ImageHere></Img> Describe this image in detail.")
     pixels = torch.randn(batch_size, 3, cfg.image_size, cfg.image_size, device=device)
-    params = SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens, stop=(END_SYMS[cfg.template],))
-    engine = GenerationEngine(model.llm, tok)
 
     def embeds():
         return model.generation_inputs(tok, [prompt] * batch_size, pixels)
 
-    def ours():
-        return sum(len(c.token_ids) for c in engine.generate(embeds(), params))
-
     def hf(cache: str | None):
-        def run():
-            e = embeds()
-            x = torch.stack(e)  # every prompt has the same length here: no padding needed
+        def run(n: int) -> list[list[int]]:
+            x = torch.stack(embeds())  # every prompt has the same length here: no padding needed
             kw = {"cache_implementation": cache} if cache else {}
             out = model.llm.generate(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long,
                                                                                   device=device),
-                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                     max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kw)
-            return int(out.shape[0] * (out.shape[1] if out.shape[1] <= new_tokens else new_tokens))
+            return out[:, -n:].tolist()
         return run
 
-    runs = {"HF generate (dynamic cache)": hf(None)}
-    if static:
-        runs["HF generate (static cache)"] = hf("static")
-    runs["our engine"] = ours
-    rows = {}
-    with torch.no_grad():
-        for label, fn in runs.items():
-            fn()  # warm-up (and the static cache's compile / allocation)
-            _sync(device)
-            t = time.perf_counter()
-            tokens = sum(fn() for _ in range(batches))
-            _sync(device)
-            dt = time.perf_counter() - t
-            rows[label] = {"images_per_s": batch_size * batches / dt, "tokens_per_s": tokens / dt,
-                           "tokens": tokens, "seconds": dt}
-            print(f"[bench] {label}: {rows[label]['tokens_per_s']:.1f} generated tok/s", flush=True)
-    del model
+    def ours(static: bool):
+        engine = GenerationEngine(model.llm, tok, static=static)
+
+        def run(n: int) -> list[list[int]]:
+            params = SamplingParams(max_new_tokens=n, min_new_tokens=n, stop=(END_SYMS[cfg.template],))
+            return [c.token_ids for c in engine.generate(embeds(), params)]
+        return run
+
+    runs = {HF_DYNAMIC: hf(None)}
+    if gpu:
+        runs[HF_STATIC] = hf("static")
+    return runs | {OURS_SIMPLE: ours(False), OURS: ours(True)}
+
+
+def measure(run, batch_size: int, new_tokens: int, batches: int, device) -> tuple[dict, list[list[int]]]:
+    """One row: warm-up, time to first token, then `batches` timed runs; returns (row, last run's tokens)."""
+    import torch
+
+    run(new_tokens)  # warm-up: compilation, cache allocation
+    _sync(device)
+    t = time.perf_counter()
+    run(1)
+    _sync(device)
+    ttft = time.perf_counter() - t
     if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return rows
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    outs = [run(new_tokens) for _ in range(batches)]
+    _sync(device)
+    dt = time.perf_counter() - t
+    tokens = sum(len(ids) for out in outs for ids in out)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return {"images_per_s": batch_size * batches / dt, "tokens_per_s": tokens / dt, "tokens": tokens, "seconds": dt,
+            "ttft_s": ttft, "peak_gpu_gib": peak}, outs[-1]
+
+
+def engine_rows(model, tok, cfg, batch_size: int, new_tokens: int, batches: int, device, gpu: bool):
+    """Every row at one batch size; returns (rows, per other path the share of images whose tokens start
+    with our engine's: our engine stops at the template's stop string, HF generate runs on)."""
+    rows, outputs = {}, {}
+    for label, run in generators(model, tok, cfg, batch_size, device, gpu).items():
+        try:
+            rows[label], outputs[label] = measure(run, batch_size, new_tokens, batches, device)
+        except Exception as e:  # transformers' own compiled path is a baseline, not ours: report, go on
+            if label != HF_STATIC:
+                raise
+            print(f"[bench] {label} failed at batch {batch_size}: {e!r}", flush=True)
+            continue
+        print(f"[bench] batch {batch_size}, {label}: {rows[label]['tokens_per_s']:.1f} generated tok/s", flush=True)
+    same = {label: sum(theirs[:len(ours)] == ours for theirs, ours in zip(out, outputs[OURS])) / batch_size
+            for label, out in outputs.items() if label != OURS}
+    return rows, same
 
 
 def job_row(preset: str, images: int, batch_size: int, new_tokens: int, gpu: bool, workdir: Path) -> dict:
+    import io
     import random
 
     import ray
@@ -108,8 +156,6 @@ def job_row(preset: str, images: int, batch_size: int, new_tokens: int, gpu: boo
         server.create_bucket("bench")
         for i in range(images):
             img = synthetic.render(synthetic.random_scene(random.Random(i), 2), 256)
-            import io
-
             buf = io.BytesIO()
             img.save(buf, "JPEG", quality=90)
             uio.write_bytes(f"s3://bench/images/{i:06d}.jpg", buf.getvalue())
@@ -131,13 +177,32 @@ def job_row(preset: str, images: int, batch_size: int, new_tokens: int, gpu: boo
         server.stop()
 
 
+def table(by_batch: dict, job: dict | None, args, name: str) -> str:
+    def cell(v, fmt):
+        return "—" if v is None else format(v, fmt)
+
+    lines = [f"Captioning, preset `{args.preset}`, {args.new_tokens} new tokens/image, {name}", "",
+             "| path | batch | images/s | generated tok/s | time to first token (s) | peak GPU GiB | vs best HF |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for b, rows in by_batch.items():
+        best_hf = max(r["tokens_per_s"] for label, r in rows.items() if label.startswith("HF"))
+        for label, r in rows.items():
+            lines.append(f"| {label} | {b} | {r['images_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
+                         f"{r['ttft_s']:.3f} | {cell(r['peak_gpu_gib'], '.1f')} | {r['tokens_per_s'] / best_hf:.2f}x |")
+    if job:
+        lines += [f"| {JOB} | {max(by_batch)} | {job['images_per_s']:.2f} | {job['tokens_per_s']:.1f} | — | — | — |",
+                  "", f"The job's {job['seconds']:.1f} s include {job['first_captions_seconds']:.1f} s before "
+                  "the first captions reached the driver (listing, actor start-up, model load)."]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     import torch
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     gpu = torch.cuda.is_available()
     ap.add_argument("--preset", default="vicuna7b" if gpu else "tiny")
-    ap.add_argument("--batch-size", type=int, default=64 if gpu else 16)
+    ap.add_argument("--batch-size", type=int, nargs="+", default=[1, 16, 64, 256] if gpu else [1, 16])
     ap.add_argument("--new-tokens", type=int, default=128 if gpu else 32)
     ap.add_argument("--batches", type=int, default=3)
     ap.add_argument("--job-images", type=int, default=512 if gpu else 256, help="0 skips the job row")
@@ -145,24 +210,29 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     cfg, device, name = machine(args.preset)
-    print(f"[bench] captioning: preset {args.preset}, batch {args.batch_size}, {args.new_tokens} new tokens, "
+    print(f"[bench] captioning: preset {args.preset}, batches {args.batch_size}, {args.new_tokens} new tokens, "
           f"{name}", flush=True)
-    rows = engine_rows(cfg, args.batch_size, args.new_tokens, args.batches, device, static=gpu)
+    model, tok = build(cfg, device)
+    by_batch, same = {}, {}
+    for b in sorted(args.batch_size):
+        by_batch[b], same[b] = engine_rows(model, tok, cfg, b, args.new_tokens, args.batches, device, gpu)
+        print(f"[bench] batch {b}: share of images with our engine's tokens: {same[b]}", flush=True)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    largest = max(by_batch)
+    job = None
     if args.job_images:
         with tempfile.TemporaryDirectory() as tmp:
-            rows["caption job (end to end)"] = job_row(args.preset, args.job_images, args.batch_size,
-                                                       args.new_tokens, gpu, Path(tmp))
-    base = rows["HF generate (dynamic cache)"]["tokens_per_s"]
-    lines = [f"Captioning, preset `{args.preset}`, batch {args.batch_size}, {args.new_tokens} new tokens/image, "
-             f"{name}", "", "| path | images/s | generated tok/s | vs HF generate |", "|---|---:|---:|---:|"]
-    for label, r in rows.items():
-        lines.append(f"| {label} | {r['images_per_s']:.2f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base:.2f}x |")
-    if "caption job (end to end)" in rows:
-        r = rows["caption job (end to end)"]
-        lines += ["", f"The job's {r['seconds']:.1f} s include {r['first_captions_seconds']:.1f} s before the first "
-                      "captions reached the driver (listing, actor start-up, model load)."]
-    write_results(args.out, "caption", "\n".join(lines), {"preset": args.preset, "batch_size": args.batch_size,
-                                                           "new_tokens": args.new_tokens, "device": name, "rows": rows})
+            job = job_row(args.preset, args.job_images, largest, args.new_tokens, gpu, Path(tmp))
+    write_results(args.out, "caption", table(by_batch, job, args, name),
+                  {"preset": args.preset, "new_tokens": args.new_tokens, "device": name,
+                   "rows": by_batch[largest] | ({JOB: job} if job else {}),
+                   "by_batch": by_batch, "same_tokens_as_our_engine": same})
+    exact = cfg.llm_dtype == "fp32"
+    if exact and any(share != 1 for shares in same.values() for share in shares.values()):
+        print("[bench] FAILED: in fp32 every path must give our engine's tokens", file=sys.stderr)
+        return 1
     return 0
 
 

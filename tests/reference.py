@@ -112,8 +112,11 @@ def original_loss_inputs(embed, tokenizer, img_embeds, instructions, answers, en
 class ScriptedLM(torch.nn.Module):
     """Causal-LM stand-in: row r emits scripts[id_r] token by token (id_r = round(prompt embedding[0, 0])).
 
-    The row's script id and step count ride in the KV cache, so the engine's row removal
-    (`batch_select_indices`) keeps them aligned. `batch_sizes` records each forward's batch size.
+    Prefill stores (script id, prompt length) in the KV cache at every real position; each step reads
+    them back from the positions its attention mask lets it see and takes its step count from its
+    position id. So it runs on both engine paths: the dynamic cache whose rows the simple path removes
+    (`batch_select_indices`, 2-D masks) and the static slot cache (4-D masks over the whole capacity).
+    `batch_sizes` records each forward's batch size.
     """
 
     def __init__(self, scripts: list[list[int]], vocab: int):
@@ -125,20 +128,23 @@ class ScriptedLM(torch.nn.Module):
                                   num_attention_heads=1, num_key_value_heads=1)
         self.batch_sizes: list[int] = []
 
-    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None, **_):
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, position_ids=None, cache=None, **_):
         from types import SimpleNamespace
 
-        if inputs_embeds is not None:  # prefill: remember each row's script id (first real position)
-            first = attention_mask.argmax(dim=1)
-            ids = inputs_embeds[torch.arange(inputs_embeds.shape[0]), first, 0].round()
-            kv = ids.view(-1, 1, 1, 1).expand(-1, 1, 1, 1).float()
+        if inputs_embeds is not None:  # prefill (left-padded, 2-D mask)
+            real = attention_mask.float()  # (B, L)
+            info = torch.stack([inputs_embeds[..., 0].round() * real, real.sum(1, keepdim=True) * real], -1)
+            kv = info[:, None]  # (B, 1, L, 2): (script id, prompt length)
         else:
-            kv = torch.zeros(input_ids.shape[0], 1, 1, 1)
+            kv = torch.zeros(input_ids.shape[0], 1, 1, 2)
         keys, _ = cache.update(kv, kv, 0)
-        b, steps = keys.shape[0], keys.shape[2] - 1
+        visible = attention_mask if attention_mask.dim() == 2 else attention_mask[:, 0, -1]  # (B, kv length)
+        script_id, prompt_len = (keys[:, 0] * visible.bool()[..., None]).amax(1).long().unbind(-1)
+        steps = position_ids[:, -1] + 1 - prompt_len
+        b = keys.shape[0]
         self.batch_sizes.append(b)
         logits = torch.full((b, 1, self.vocab), -1e4)
         for r in range(b):
-            script = self.scripts[int(keys[r, 0, 0, 0])]
-            logits[r, 0, script[min(steps, len(script) - 1)]] = 0
+            script = self.scripts[int(script_id[r])]
+            logits[r, 0, script[min(int(steps[r]), len(script) - 1)]] = 0
         return SimpleNamespace(logits=logits)

@@ -1,4 +1,6 @@
-"""The generation engine: equal to transformers' generate, batched == single, per-sample stops, streaming."""
+"""The generation engine: equal to transformers' generate, batched == single, per-sample stops, streaming
+(both decode paths: the static slot engine and the simple DynamicCache one; more on the static one in
+test_engine.py)."""
 from __future__ import annotations
 
 import pytest
@@ -23,16 +25,18 @@ def _prompts(model, tok, n=3):
     return texts, pixels
 
 
-@pytest.mark.parametrize("params", [
-    dict(max_new_tokens=10, repetition_penalty=1.05),
-    dict(max_new_tokens=10, repetition_penalty=1.0),
-    dict(max_new_tokens=6, num_beams=3, length_penalty=1.0),
-    dict(max_new_tokens=6, num_beams=2, length_penalty=0.3, repetition_penalty=1.2),
+@pytest.mark.parametrize("params,static", [
+    (dict(max_new_tokens=10, repetition_penalty=1.05), True),
+    (dict(max_new_tokens=10, repetition_penalty=1.05), False),
+    (dict(max_new_tokens=10, repetition_penalty=1.0), True),
+    (dict(max_new_tokens=10, repetition_penalty=1.0), False),
+    (dict(max_new_tokens=6, num_beams=3, length_penalty=1.0), True),  # beams take the simple path
+    (dict(max_new_tokens=6, num_beams=2, length_penalty=0.3, repetition_penalty=1.2), True),
 ])
-def test_equals_transformers_generate(tiny_model, tiny_tokenizer, params):
+def test_equals_transformers_generate(tiny_model, tiny_tokenizer, params, static):
     texts, pixels = _prompts(tiny_model, tiny_tokenizer)
     embeds = tiny_model.generation_inputs(tiny_tokenizer, texts, pixels)
-    ours = GenerationEngine(tiny_model.llm, tiny_tokenizer).generate(embeds, SamplingParams(**params))
+    ours = GenerationEngine(tiny_model.llm, tiny_tokenizer, static=static).generate(embeds, SamplingParams(**params))
     for emb, c in zip(embeds, ours):
         assert c.token_ids == _hf(tiny_model, emb, do_sample=False, **params)
 
@@ -92,17 +96,18 @@ def test_top_k_one_is_greedy(tiny_model, tiny_tokenizer):
 
 
 # -- stopping and streaming with a scripted LM ------------------------------------------------------
-def _scripted(tok, scripts):
+def _scripted(tok, scripts, static):
     lm = ScriptedLM(scripts, vocab=len(tok))
     prompts = [torch.full((3 + i, 8), float(i)) for i in range(len(scripts))]  # row id in every position
-    return GenerationEngine(lm, tok), lm, prompts
+    return GenerationEngine(lm, tok, static=static), lm, prompts
 
 
 def _ids(tok, text):
     return tok(text, add_special_tokens=False).input_ids
 
 
-def test_stop_words_end_each_sample_separately(tiny_tokenizer):
+@pytest.mark.parametrize("static", [True, False])
+def test_stop_words_end_each_sample_separately(tiny_tokenizer, static):
     tok = tiny_tokenizer
     alone, after = _ids(tok, "###"), _ids(tok, "red.###")[-1:]
     assert alone != after  # `###` has two tokenizations, as in LLaMA's vocabulary
@@ -113,22 +118,26 @@ def test_stop_words_end_each_sample_separately(tiny_tokenizer):
         filler * 40,                                             # never stops: max_new_tokens
         [2] + filler * 40,                                       # EOS first
     ]
-    engine, lm, prompts = _scripted(tok, scripts)
+    engine, lm, prompts = _scripted(tok, scripts, static)
     out = engine.generate(prompts, SamplingParams(max_new_tokens=12, stop=("###",)))
     # the standalone form decodes as " ###": raw text keeps the space, Conversation.clean_answer strips it
     assert [c.text for c in out] == ["a red circle ", "two blue squares.", "circle" + " circle" * 11, ""]
     assert [c.finish_reason for c in out] == ["stop", "stop", "length", "stop"]
     assert out[0].token_ids == _ids(tok, "a red circle") + alone
     assert out[3].token_ids == [2]
-    # finished rows leave the batch: 4 rows, then fewer as samples end
-    assert lm.batch_sizes[0] == 4 and lm.batch_sizes[-1] == 1 and sorted(lm.batch_sizes, reverse=True) == lm.batch_sizes
+    if static:  # finished rows free their slots (the decode keeps a power-of-two width over the slots)
+        assert engine.free_slots == engine.max_slots and not engine.busy
+    else:  # finished rows leave the batch: 4 rows, then fewer as samples end
+        assert lm.batch_sizes[0] == 4 and lm.batch_sizes[-1] == 1
+        assert sorted(lm.batch_sizes, reverse=True) == lm.batch_sizes
 
 
-def test_stream_deltas_hold_back_partial_stops_and_utf8(tiny_tokenizer):
+@pytest.mark.parametrize("static", [True, False])
+def test_stream_deltas_hold_back_partial_stops_and_utf8(tiny_tokenizer, static):
     tok = tiny_tokenizer
     text = "café ✓ red##blue"  # bytes of é / ✓ arrive as separate byte-fallback tokens; '##' is not '###'
     scripts = [_ids(tok, text) + _ids(tok, "x.###") + [7] * 5, _ids(tok, "a red circle") + [2]]
-    engine, _, prompts = _scripted(tok, scripts)
+    engine, _, prompts = _scripted(tok, scripts, static)
     deltas = {0: [], 1: []}
     finals = {}
     for events in engine.stream(prompts, SamplingParams(max_new_tokens=40, stop=("###",))):
@@ -142,8 +151,9 @@ def test_stream_deltas_hold_back_partial_stops_and_utf8(tiny_tokenizer):
     assert "".join(deltas[1]) == finals[1].text == "a red circle"
 
 
-def test_min_new_tokens_blocks_eos(tiny_tokenizer):
-    engine, _, prompts = _scripted(tiny_tokenizer, [[2, 2, 2]])
+@pytest.mark.parametrize("static", [True, False])
+def test_min_new_tokens_blocks_eos(tiny_tokenizer, static):
+    engine, _, prompts = _scripted(tiny_tokenizer, [[2, 2, 2]], static)
     # ScriptedLM puts all mass on EOS; with it masked, greedy takes the next-best token
     out = engine.generate(prompts, SamplingParams(max_new_tokens=5, min_new_tokens=2))[0]
     assert out.token_ids[:2] != [2, 2] and 2 not in out.token_ids[:2] and out.token_ids[2] == 2

@@ -5,22 +5,41 @@ What it guarantees, and what captioning and serving build on:
 - per-request parameters in one batch (max/min new tokens, temperature, top-p/top-k, repetition
   penalty, stop strings); greedy rows and sampled rows can share a batch;
 - per-sample stopping: EOS or any stop string ends *that* sample (MiniGPT-4's batched path only
-  stopped when every row had stopped), and finished rows leave the batch and its KV cache;
+  stopped when every row had stopped), and a finished sample leaves the batch and its KV cache at once;
 - streaming: `stream()` yields text deltas per step, holding back bytes of an incomplete UTF-8
   character and any tail that could still become a stop string;
 - beam search with length penalty (HF semantics), greedy == HF `generate` token for token.
+
+Two decode paths, with the same tokens:
+- static (the default): a slot table over a KV cache allocated once and reused across calls
+  (`SlotCache`). Prompts are prefilled into free slots; one decode step then runs over the slots
+  with fixed shapes (mask and positions come from per-slot lengths, nothing grows per token), so on
+  CUDA it is compiled and replayed as a CUDA graph. A finished sample frees its slot, and `add()`
+  + `step()` let new prompts join a running batch between steps (continuous batching, serving.py).
+- simple (`static=False`): a transformers DynamicCache grown with torch.cat every token, rows
+  removed as they finish; the baseline of bench/caption.py, and the path beam search always takes.
 
 Logit processing follows transformers' order and semantics for prompts given as embeddings: the
 repetition penalty covers generated tokens only; min_new_tokens masks EOS; then temperature, top-k, top-p.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import functools
 import inspect
+import logging
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
+
+log = logging.getLogger(__name__)
+
+CAPACITY_STEP = 64
+"""Slot capacity (prompt + new tokens) grows in multiples of this: few distinct cache shapes to compile for."""
+COMPILE_OPTIONS = dict(mode="reduce-overhead", fullgraph=True)
+"""torch.compile options of the static decode step: Inductor kernels replayed as CUDA graphs."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +120,10 @@ class _Seq:
     ids: list[int] = field(default_factory=list)
     sent: int = 0  # characters of text already emitted
     done: Completion | None = None
+    generator: torch.Generator | None = None
+    """Random source of a sampled row (None: torch's global one); rows sharing one draw together."""
+    slot: int = -1
+    """Its slot in the static engine's cache."""
 
 
 def _hold_back(text: str, stops: Sequence[str]) -> int:
@@ -114,16 +137,136 @@ def _hold_back(text: str, stops: Sequence[str]) -> int:
     return hold
 
 
-class GenerationEngine:
-    """Generation over `llm` (a transformers causal LM) from per-request prompt embeddings (L_i, H)."""
+class SlotCache:
+    """The static engine's KV cache and slot table, allocated once and reused across calls.
 
-    def __init__(self, llm, tokenizer):
+    Per layer, keys and values of shape (slots, kv_heads, capacity, head_dim). Slot s holds one
+    sequence at cache indices 0..lengths[s]-1, so a cache index is the token's position id whatever
+    the padding of the prefill it came from. The per-slot state the decode step reads and advances
+    sits beside it on the device at fixed addresses, so the step can be replayed as a CUDA graph:
+    `lengths`, `active` (rows that advance), `next_tokens` (the step's input) and `seen` (each
+    row's generated tokens, for the repetition penalty). The LLM gets this object as its `cache`:
+    `update` follows transformers' Cache.update contract for the decode step.
+    """
+
+    def __init__(self, layers: int, slots: int, kv_heads: int, capacity: int, head_dim: int, vocab: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (slots, kv_heads, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
+        self.active = torch.zeros(slots, dtype=torch.long, device=device)
+        self.next_tokens = torch.zeros(slots, dtype=torch.long, device=device)
+        self.seen = torch.zeros(slots, vocab, dtype=torch.bool, device=device)
+
+    @property
+    def slots(self) -> int:
+        return self.lengths.shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.keys, *self.values, self.lengths, self.active, self.next_tokens, self.seen]
+
+    def grown(self, slots: int, capacity: int) -> "SlotCache":
+        """A larger cache with this one's contents at the same slots and indices."""
+        k = self.keys[0]
+        new = SlotCache(len(self.keys), slots, k.shape[1], capacity, k.shape[3], self.seen.shape[1], k.dtype, k.device)
+        for old, fresh in zip(self.tensors(), new.tensors()):
+            fresh[tuple(slice(0, n) for n in old.shape)] = old
+        return new
+
+    def load(self, slots: torch.Tensor, prefill, mask: torch.Tensor) -> None:
+        """Copy a left-padded prefill (a DynamicCache over rows `mask` (n, L)) into `slots`, each
+        sequence shifted to start at index 0; the rows join the decode once their first token is chosen."""
+        width = mask.shape[1]
+        lengths = mask.sum(1)
+        src = (torch.arange(width, device=mask.device) + (width - lengths)[:, None]).clamp(max=width - 1)  # (n, L)
+        for layer, keys, values in zip(prefill.layers, self.keys, self.values):
+            at = src[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            keys[slots, :, :width] = layer.keys.gather(2, at)
+            values[slots, :, :width] = layer.values.gather(2, at)
+        self.lengths[slots] = lengths
+        self.active[slots] = 0
+        self.seen[slots] = False
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Decode: write each of the first W slots' new key/value (W, kv_heads, 1, head_dim) at the
+        slot's own length; return those slots' whole cache (the mask hides what they do not hold)."""
+        w = key_states.shape[0]
+        at = self.lengths[:w].view(w, 1, 1, 1).expand_as(key_states)
+        keys, values = self.keys[layer_idx][:w], self.values[layer_idx][:w]
+        keys.scatter_(2, at, key_states)
+        values.scatter_(2, at, value_states)
+        return keys, values
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _to_device(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host list as a tensor on `device`, without waiting for the GPU: a plain
+    torch.tensor(..., device="cuda") synchronizes the stream, which would stall the host behind the
+    decode step launched ahead; a copy from pinned memory is queued instead."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+def _start_copy_to_host(t: torch.Tensor):
+    """Start copying `t` to the host; the returned function waits for that copy only, not for GPU
+    work queued after it (a plain .tolist() would wait for the decode launched next)."""
+    if t.device.type != "cuda":
+        return t.tolist
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> list:
+        copied.synchronize()
+        return host.tolist()
+    return wait
+
+
+class GenerationEngine:
+    """Generation over `llm` (a transformers causal LM) from per-request prompt embeddings (L_i, H).
+
+    static: the slot engine over a reused static KV cache (default); False gives the simple
+    DynamicCache path. max_slots: sequences decoding at once in the static engine (more prompts
+    queue for free slots). compile: compile the static decode step with `COMPILE_OPTIONS`
+    (default: on for a CUDA, non-quantized LLM; off on CPU, where there are no CUDA graphs).
+    """
+
+    def __init__(self, llm, tokenizer, static: bool = True, max_slots: int = 256, compile: bool | None = None):
+        if max_slots < 1:
+            raise ValueError(f"max_slots must be >= 1, got {max_slots}")
         self.llm = llm
         self.tokenizer = tokenizer
         self.eos_id = tokenizer.eos_token_id
+        self.static, self.max_slots, self.compile = static, max_slots, compile
+        # Every row's text is decoded every step; transformers' decode() spends longer converting the
+        # id list than its Rust tokenizer takes to decode it, so call that directly where they agree.
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        decode = backend.decode if backend is not None and not tokenizer.clean_up_tokenization_spaces \
+            else tokenizer.decode
+        self._detokenize = functools.partial(decode, skip_special_tokens=True)
         # transformers 5.2x renamed `past_key_values` to `cache` (old name removed in 5.40); 5.17 knows only the old
         base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
         self._cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        self._additive_mask = getattr(base.config, "_attn_implementation", None) == "eager"
+        self._quantized = getattr(base, "hf_quantizer", None) is not None
+        # the static engine's state: cache, running rows by slot, rows added since the last step
+        self._cache: SlotCache | None = None
+        self._compiled = None
+        self._running: dict[int, _Seq] = {}
+        self._joining: list[tuple[list[_Seq], torch.Tensor]] = []  # (rows, their prefill logits (n, V))
+        self._launched: torch.Tensor | None = None  # logits of the decode step launched ahead
+        self._free = list(range(max_slots))  # sorted: the lowest free slot first keeps the decode narrow
+        self._next_id = 0
 
     # -- public API ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -134,7 +277,7 @@ class GenerationEngine:
                 raise ValueError("beam search needs the same num_beams/max_new_tokens/length_penalty for the whole batch")
             return self._beam_search(prompts, plist)
         out: list[Completion | None] = [None] * len(prompts)
-        for events in self._decode_loop(prompts, plist):
+        for events in self._loop(prompts, plist):
             for ev in events:
                 if ev.completion is not None:
                     out[ev.index] = ev.completion
@@ -148,7 +291,93 @@ class GenerationEngine:
             comps = self.generate(prompts, plist)
             yield [TokenEvent(i, c.token_ids[-1] if c.token_ids else -1, c.text, c) for i, c in enumerate(comps)]
             return
-        yield from self._decode_loop(prompts, plist)
+        yield from self._loop(prompts, plist)
+
+    # -- continuous batching (static engine) -------------------------------------------------------
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def busy(self) -> bool:
+        """Whether sequences are running or waiting for their first token."""
+        return bool(self._running or self._joining)
+
+    @torch.no_grad()
+    def add(self, prompts: Sequence[torch.Tensor], params: SamplingParams | Sequence[SamplingParams],
+            generators: Sequence[torch.Generator | None] | None = None) -> list[int]:
+        """Prefill `prompts` (one batched forward) into free slots; they produce their first token at
+        the next `step()`, alongside the sequences already running. Returns their ids (TokenEvent.index).
+
+        generators: one per prompt, the random source of sampled rows (None: torch's global one).
+        """
+        if not prompts:
+            return []
+        plist = self._param_list(prompts, params)
+        if not self.static or any(p.num_beams > 1 for p in plist):
+            raise ValueError("add() needs the static engine and num_beams=1 (beam search runs in generate())")
+        if len(prompts) > len(self._free):
+            raise ValueError(f"{len(prompts)} prompts but {len(self._free)} free slots")
+        logits, prefill, mask, _, lengths = self._prefill(prompts, plist)
+        slots = self._free[:len(prompts)]
+        self._reserve(slots[-1] + 1, max(n + p.max_new_tokens for n, p in zip(lengths, plist)), prefill, logits)
+        del self._free[:len(prompts)]
+        self._cache.load(_to_device(slots, logits.device), prefill, mask)
+        rows = [_Seq(self._next_id + i, p, n, generator=g, slot=s)
+                for i, (p, n, g, s) in enumerate(zip(plist, lengths, generators or [None] * len(plist), slots))]
+        self._next_id += len(rows)
+        self._joining.append((rows, logits))
+        return [r.index for r in rows]
+
+    @torch.no_grad()
+    def step(self) -> list[TokenEvent]:
+        """One token for every running and newly added sequence; a sequence that finishes frees its
+        slot at once. The decode of the following token is launched before this token's text is
+        checked, so on CUDA the GPU computes while the host detokenizes (a sequence that turns out
+        to have stopped wasted one slot of that decode)."""
+        rows, parts = [], []
+        if self._running:
+            slots = sorted(self._running)
+            logits = self._launched if self._launched is not None else self._decode(self._width(slots[-1]))
+            parts.append(logits[_to_device(slots, logits.device)])
+            rows += [self._running[s] for s in slots]
+        for joining, logits in self._joining:
+            parts.append(logits)
+            rows += joining
+        self._joining, self._launched = [], None
+        if not rows:
+            return []
+        c = self._cache
+        at = _to_device([s.slot for s in rows], c.lengths.device)
+        logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+        tokens = self._choose(self._process(logits, c.seen[at], rows, [len(s.ids) for s in rows]), rows)
+        c.next_tokens[at] = tokens
+        c.seen[at, tokens] = True
+        going = [len(s.ids) + 1 < s.params.max_new_tokens for s in rows]  # unless EOS or a stop string ends it
+        c.active[at] = _to_device(going, at.device, torch.long)
+        host_tokens = _start_copy_to_host(tokens)
+        if any(going):
+            self._launched = self._decode(self._width(max(s.slot for s, go in zip(rows, going) if go)))
+        events = [self._finish_check(s, t) for s, t in zip(rows, host_tokens())]
+        stopped = [s.slot for s, go in zip(rows, going) if go and s.done is not None]
+        if stopped:
+            c.active[_to_device(stopped, at.device)] = 0
+        for s in rows:
+            if s.done is None:
+                self._running[s.slot] = s
+            else:
+                self._running.pop(s.slot, None)
+                bisect.insort(self._free, s.slot)
+        return events
+
+    def abort(self) -> None:
+        """Drop every running and waiting sequence (their slots become free)."""
+        self._running.clear()
+        self._joining.clear()
+        self._launched = None
+        self._free = list(range(self.max_slots))
+        if self._cache is not None:
+            self._cache.active.zero_()
 
     # -- internals -------------------------------------------------------------------------------
     @staticmethod
@@ -158,6 +387,15 @@ class GenerationEngine:
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} SamplingParams for {len(prompts)} prompts")
         return list(params)
+
+    @staticmethod
+    def _generator(plist: list[SamplingParams], device) -> torch.Generator | None:
+        """One random source per call, seeded by the first request that has a seed."""
+        seed = next((p.seed for p in plist if p.seed is not None), None)
+        return torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+
+    def _loop(self, prompts, plist: list[SamplingParams]) -> Iterator[list[TokenEvent]]:
+        return self._static_loop(prompts, plist) if self.static else self._simple_loop(prompts, plist)
 
     def _prefill(self, prompts: Sequence[torch.Tensor], plist: list[SamplingParams]):
         """Left-truncate, left-pad and run the prompts; returns (last logits (B, V), cache, mask, next positions, lengths)."""
@@ -188,38 +426,32 @@ class GenerationEngine:
                        use_cache=True, **{self._cache_kw: cache})
         return out.logits[:, -1, :].float()
 
-    @staticmethod
-    def _penalize(logits: torch.Tensor, generated: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
-        """transformers' RepetitionPenaltyLogitsProcessor, one penalty per row, over generated ids."""
-        if generated.shape[1] == 0 or bool((penalty == 1).all()):
-            return logits
-        score = logits.gather(1, generated)
-        score = torch.where(score < 0, score * penalty, score / penalty)
-        return logits.scatter(1, generated, score)
-
-    def _process(self, logits, generated, rows: list[_Seq]) -> torch.Tensor:
+    def _process(self, logits: torch.Tensor, seen: torch.Tensor, rows: list[_Seq], counts: list[int]) -> torch.Tensor:
+        """transformers' repetition penalty (one per row, over the row's generated tokens `seen`, (B, V)
+        bool), then EOS masked for rows with fewer than min_new_tokens (`counts`) generated."""
         dev = logits.device
-        penalty = torch.tensor([[s.params.repetition_penalty] for s in rows], device=dev, dtype=logits.dtype)
-        logits = self._penalize(logits, generated, penalty)
-        t = generated.shape[1]
-        block_eos = torch.tensor([t < s.params.min_new_tokens for s in rows], device=dev)
-        if self.eos_id is not None and bool(block_eos.any()):
-            logits[block_eos, self.eos_id] = -float("inf")
+        penalties = [s.params.repetition_penalty for s in rows]
+        if any(p != 1 for p in penalties):
+            penalty = _to_device(penalties, dev, logits.dtype)[:, None]
+            logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+        block_eos = [n < s.params.min_new_tokens for s, n in zip(rows, counts)]
+        if self.eos_id is not None and any(block_eos):  # masked_fill: a boolean index would sync with the GPU
+            logits[:, self.eos_id] = logits[:, self.eos_id].masked_fill(_to_device(block_eos, dev), -float("inf"))
         return logits
 
     @staticmethod
     def _warp(logits: torch.Tensor, rows: list[_Seq]) -> torch.Tensor:
         """Temperature, top-k, top-p (transformers' warpers), per row."""
         dev = logits.device
-        temp = torch.tensor([[s.params.temperature] for s in rows], device=dev, dtype=logits.dtype)
+        temp = _to_device([[s.params.temperature] for s in rows], dev, logits.dtype)
         logits = logits / temp
         top_k = [s.params.top_k for s in rows]
         if any(top_k):
             kth = torch.stack([logits[i].topk(min(k, logits.shape[1])).values[-1] if k else logits.new_tensor(-float("inf"))
                                for i, k in enumerate(top_k)])
             logits = logits.masked_fill(logits < kth[:, None], -float("inf"))
-        top_p = torch.tensor([[s.params.top_p] for s in rows], device=dev, dtype=logits.dtype)
-        if bool((top_p < 1).any()):
+        if any(s.params.top_p < 1 for s in rows):  # decided on the host: no device sync
+            top_p = _to_device([[s.params.top_p] for s in rows], dev, logits.dtype)
             sorted_logits, sorted_idx = logits.sort(dim=-1, descending=False)
             cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
             remove = cum <= (1 - top_p)
@@ -227,15 +459,23 @@ class GenerationEngine:
             logits = logits.masked_fill(remove.scatter(1, sorted_idx, remove), -float("inf"))
         return logits
 
-    def _choose(self, logits: torch.Tensor, rows: list[_Seq], gen: torch.Generator | None) -> torch.Tensor:
-        greedy = logits.argmax(dim=-1)
-        sample_rows = [i for i, s in enumerate(rows) if s.params.do_sample]
-        if not sample_rows:
-            return greedy
-        idx = torch.tensor(sample_rows, device=logits.device)
-        probs = self._warp(logits[idx], [rows[i] for i in sample_rows]).softmax(dim=-1)
-        picked = torch.multinomial(probs, 1, generator=gen).squeeze(1)
-        return greedy.index_copy(0, idx, picked)
+    def _choose(self, logits: torch.Tensor, rows: list[_Seq]) -> torch.Tensor:
+        """Argmax for greedy rows; sampled rows draw from their warped distribution, one draw per
+        random source over its rows in order (rows with their own source, like serving's requests,
+        never consume another's randomness)."""
+        tokens = logits.argmax(dim=-1)
+        groups: list[tuple[torch.Generator | None, list[int]]] = []
+        for i, s in enumerate(rows):
+            if s.params.do_sample:
+                group = next((g for g in groups if g[0] is s.generator), None)
+                if group is None:
+                    groups.append(group := (s.generator, []))
+                group[1].append(i)
+        for gen, idx in groups:
+            at = _to_device(idx, logits.device)
+            probs = self._warp(logits[at], [rows[i] for i in idx]).softmax(dim=-1)
+            tokens[at] = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+        return tokens
 
     def _finish_check(self, seq: _Seq, token: int) -> TokenEvent:
         """Append a token, decide whether the sample ended, and compute the text to emit now."""
@@ -243,7 +483,7 @@ class GenerationEngine:
         reason = None
         if token == self.eos_id:
             reason = "stop"
-        text = self.tokenizer.decode(seq.ids, skip_special_tokens=True)
+        text = self._detokenize(seq.ids)
         stops = seq.params.stop
         if stops:
             cut = min((i for i in (text.find(s, max(0, seq.sent - len(s))) for s in stops) if i >= 0), default=-1)
@@ -263,16 +503,15 @@ class GenerationEngine:
             seq.done = Completion(list(seq.ids), text, reason, seq.prompt_tokens)
         return TokenEvent(seq.index, token, delta, seq.done)
 
-    def _decode_loop(self, prompts, plist: list[SamplingParams]) -> Iterator[list[TokenEvent]]:
-        seed = next((p.seed for p in plist if p.seed is not None), None)
+    def _simple_loop(self, prompts, plist: list[SamplingParams]) -> Iterator[list[TokenEvent]]:
         logits, cache, mask, positions, lengths = self._prefill(prompts, plist)
         dev = logits.device
-        gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
-        rows = [_Seq(i, p, n) for i, (p, n) in enumerate(zip(plist, lengths))]
-        generated = torch.zeros(len(rows), 0, dtype=torch.long, device=dev)
+        gen = self._generator(plist, dev)
+        rows = [_Seq(i, p, n, generator=gen) for i, (p, n) in enumerate(zip(plist, lengths))]
+        seen = torch.zeros(logits.shape, dtype=torch.bool, device=dev)
         while rows:
-            logits = self._process(logits, generated, rows)
-            tokens = self._choose(logits, rows, gen)
+            logits = self._process(logits, seen, rows, [len(s.ids) for s in rows])
+            tokens = self._choose(logits, rows)
             events = [self._finish_check(s, t) for s, t in zip(rows, tokens.tolist())]
             yield events
             keep = [i for i, s in enumerate(rows) if s.done is None]
@@ -281,12 +520,87 @@ class GenerationEngine:
             if len(keep) < len(rows):  # finished samples leave the batch and the KV cache
                 k = torch.tensor(keep, device=dev)
                 cache.batch_select_indices(k)
-                tokens, mask, positions, generated = tokens[k], mask[k], positions[k], generated[k]
+                tokens, mask, positions, seen = tokens[k], mask[k], positions[k], seen[k]
                 rows = [rows[i] for i in keep]
-            generated = torch.cat([generated, tokens[:, None]], dim=1)
+            seen.scatter_(1, tokens[:, None], True)
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
             logits = self._step(tokens, cache, mask, positions)
             positions = positions + 1
+
+    def _static_loop(self, prompts, plist: list[SamplingParams]) -> Iterator[list[TokenEvent]]:
+        """All prompts through the slots: as many as fit start together, the rest take slots as they free up."""
+        if self.busy:
+            raise RuntimeError("generate()/stream() need an idle engine; this one is running add()ed sequences")
+        gen = self._generator(plist, prompts[0].device) if prompts else None
+        order: dict[int, int] = {}  # engine id -> prompt index
+        waiting = list(range(len(prompts)))
+        try:
+            while waiting or self.busy:
+                if waiting and self._free:
+                    take, waiting = waiting[:len(self._free)], waiting[len(self._free):]
+                    ids = self.add([prompts[i] for i in take], [plist[i] for i in take], [gen] * len(take))
+                    order.update(zip(ids, take))
+                events = self.step()
+                for ev in events:
+                    ev.index = order[ev.index]
+                yield events
+        finally:  # also when a consumer stops iterating early: the slots come back
+            self.abort()
+
+    def _reserve(self, slots: int, length: int, prefill, logits: torch.Tensor) -> None:
+        """Make the cache hold `slots` slots of `length` positions: allocated on first use, grown
+        (contents kept) when a request needs more; slots in powers of two, positions in CAPACITY_STEPs."""
+        c, k = self._cache, prefill.layers[0].keys
+        if c is not None and (c.keys[0].device, c.keys[0].dtype) != (k.device, k.dtype):  # the model moved or was cast
+            c = self._cache = None
+        if c is not None and c.slots >= slots and c.capacity >= length:
+            return
+        slots = max(min(self.max_slots, _pow2_at_least(slots)), c.slots if c else 0)
+        capacity = max(-(-length // CAPACITY_STEP) * CAPACITY_STEP, c.capacity if c else 0)
+        if c is None:
+            self._cache = SlotCache(len(prefill.layers), slots, k.shape[1], capacity, k.shape[3], logits.shape[-1],
+                                    k.dtype, k.device)
+        else:
+            self._cache = c.grown(slots, capacity)
+        if self._compile_step(logits.device):
+            for t in self._cache.tensors():  # mutated inside the CUDA graph: keep their addresses
+                torch._dynamo.mark_static_address(t)
+            self._compiled = self._compiled or torch.compile(self._decode_step, **COMPILE_OPTIONS)
+
+    def _width(self, last_slot: int) -> int:
+        """Decode width covering slots 0..last_slot: a power of two (few shapes to compile and capture)."""
+        return min(self._cache.slots, _pow2_at_least(last_slot + 1))
+
+    def _compile_step(self, device: torch.device) -> bool:
+        if self.compile is None:  # bitsandbytes layers do not compile: quantized LLMs run the step eagerly
+            self.compile = device.type == "cuda" and not self._quantized
+        return self.compile
+
+    def _decode(self, width: int) -> torch.Tensor:
+        if self._compiled is None:
+            return self._decode_step(width)
+        try:
+            torch.compiler.cudagraph_mark_step_begin()
+            return self._compiled(width).clone()  # the graph's output buffer is reused by the next replay
+        except torch._dynamo.exc.TorchDynamoException:  # raised before the step ran: costs speed, not requests
+            log.warning("compiling the decode step failed; decoding eagerly from now on", exc_info=True)
+            self._compiled, self.compile = None, False
+            return self._decode_step(width)
+
+    def _decode_step(self, width: int) -> torch.Tensor:
+        """One token for the first `width` slots (inactive ones compute and are ignored): fixed shapes,
+        no host sync, the slots' lengths advanced in place. Returns logits (width, V)."""
+        c = self._cache
+        positions = c.lengths[:width]
+        visible = torch.arange(c.capacity, device=positions.device) <= positions[:, None]  # (W, T): prefix + new token
+        mask = visible[:, None, None, :]  # (W, 1, 1, T); a 4-D mask goes to the attention as it is
+        if self._additive_mask:  # eager attention adds its mask to the scores
+            mask = torch.zeros(mask.shape, dtype=c.keys[0].dtype, device=mask.device).masked_fill(
+                ~mask, torch.finfo(c.keys[0].dtype).min)
+        out = self.llm(input_ids=c.next_tokens[:width, None], attention_mask=mask, position_ids=positions[:, None],
+                       use_cache=True, **{self._cache_kw: c})
+        c.lengths[:width] += c.active[:width]
+        return out.logits[:, -1, :].float()
 
     def _beam_search(self, prompts, plist: list[SamplingParams]) -> list[Completion]:
         """Beam search (or beam sampling with do_sample) with transformers' scoring: hypotheses scored
@@ -314,7 +628,8 @@ class GenerationEngine:
             del hyps[req][k:]
 
         for t in range(p0.max_new_tokens):
-            logp = self._process(logits.log_softmax(dim=-1), seqs, rows)  # processors act on log-probs, as HF
+            seen = torch.zeros(logits.shape, dtype=torch.bool, device=dev).scatter_(1, seqs, True)
+            logp = self._process(logits.log_softmax(dim=-1), seen, rows, [t] * len(rows))  # on log-probs, as HF
             scores = logp + beam_scores.view(-1, 1)
             if p0.do_sample:
                 probs = self._warp(scores, rows).softmax(-1).view(b, k * vocab)
@@ -337,7 +652,7 @@ class GenerationEngine:
                         token, score = tok_l[r][rank], top_scores_l[r][rank]
                         ids = seq_l[src] + [token]
                         ended = token == self.eos_id or (
-                            bool(p0.stop) and any(s in self.tokenizer.decode(ids, skip_special_tokens=True) for s in p0.stop))
+                            bool(p0.stop) and any(s in self._detokenize(ids) for s in p0.stop))
                         if ended or last:
                             # only candidates ranked among the best num_beams may become hypotheses;
                             # the score is normalised by the generated length, EOS included (as transformers 5)
@@ -374,7 +689,7 @@ class GenerationEngine:
         out = []
         for r in range(b):
             _, ids, reason = hyps[r][0]
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            text = self._detokenize(ids)
             for stop in p0.stop:
                 text = text.split(stop)[0]
             out.append(Completion(ids, text, reason, lengths[r]))

@@ -380,19 +380,30 @@ class MiniGPT4(nn.Module):
         return [self.prompt_embeds(tokenize_segments(tokenizer, p, bos=True), encoded[i] if counts[i] else None)
                 for i, p in enumerate(prompts)]
 
+    def engine(self, tokenizer):
+        """The model's generation engine, made once: its static KV cache and compiled decode step are
+        reused by every later call (captioning calls generate once per batch). One call at a time:
+        an engine runs one generate/stream (serving's Batcher has its own)."""
+        from minigpt4.generate import GenerationEngine
+
+        engine = getattr(self, "_engine", None)
+        if engine is None or engine.tokenizer is not tokenizer or engine.llm is not self.llm:
+            self._engine = engine = GenerationEngine(self.llm, tokenizer)
+        return engine
+
     def generate(self, tokenizer, prompts: list[str], images=None, params=None):
         """Batched generation -> list of generate.Completion (see GenerationEngine for the guarantees)."""
-        from minigpt4.generate import GenerationEngine, SamplingParams
+        from minigpt4.generate import SamplingParams
 
         embeds = self.generation_inputs(tokenizer, prompts, images)
-        return GenerationEngine(self.llm, tokenizer).generate(embeds, params or SamplingParams())
+        return self.engine(tokenizer).generate(embeds, params or SamplingParams())
 
     def stream(self, tokenizer, prompts: list[str], images=None, params=None):
         """Like generate, yielding TokenEvents per decode step."""
-        from minigpt4.generate import GenerationEngine, SamplingParams
+        from minigpt4.generate import SamplingParams
 
         embeds = self.generation_inputs(tokenizer, prompts, images)
-        return GenerationEngine(self.llm, tokenizer).stream(embeds, params or SamplingParams())
+        return self.engine(tokenizer).stream(embeds, params or SamplingParams())
 
 
 # -- building -----------------------------------------------------------------------------------

@@ -11,11 +11,13 @@ Routes (one FastAPI app per replica, `MiniGPT4Deployment`):
     GET  /healthz               liveness (no key needed)
     GET  /                      the web chat page (no external assets)
 
-Requests that arrive together share forward passes: each replica runs one `Batcher` thread that
-takes what is waiting (up to `max_batch_size` rows, after waiting `batch_wait_ms` for company) into
-one `GenerationEngine.stream` call, whose rows stop and leave the batch one by one, and hands every
-token back to its request's event loop. A request that finds `max_queue` rows already waiting gets
-503 (Serve's `max_queued_requests` bounds the proxy's queue the same way).
+Requests share forward passes by continuous batching: each replica runs one `Batcher` thread over
+a `GenerationEngine` with a static KV cache of `max_batch_size` slots. A request joins the running
+batch between two decode steps (its prompt prefilled into free slots; an idle replica first waits
+`batch_wait_ms` for company), decodes alongside the others and leaves as soon as it finishes;
+every token goes back to its request's event loop as it is made. Beam-search requests run alone.
+A request that finds `max_queue` rows already waiting gets 503 (Serve's `max_queued_requests`
+bounds the proxy's queue the same way).
 
 Images come as `data:image/...;base64,` URLs, as `s3://` URLs of the buckets in `s3_buckets`, or as
 http(s) URLs when `http_fetch` is on and the host is in `http_hosts` (never a private, loopback or
@@ -72,9 +74,9 @@ class ServeSettings:
     max_tokens_limit: int = 1024
     max_n: int = 4
     max_batch_size: int = 32
-    """Rows (requests x n) in one generation batch."""
+    """Rows (requests x n) decoding at once: the slots of the engine's static KV cache."""
     batch_wait_ms: float = 5.0
-    """How long the first waiting request waits for others to share its batch."""
+    """How long a request reaching an idle replica waits for others to share its prefill."""
     max_queue: int = 64
     """Rows waiting per replica beyond which requests get 503."""
     seed: int = 0
@@ -305,68 +307,126 @@ class _Job:
 
 
 class Batcher:
-    """One thread per replica running the model: concurrent requests share generation batches."""
+    """One thread per replica running the model with continuous batching: waiting requests join the
+    running batch between decode steps and leave it as they finish (see the module docstring)."""
 
     def __init__(self, model, tokenizer, max_rows: int, wait_s: float):
         from .generate import GenerationEngine
 
         self.model, self.tokenizer = model, tokenizer
-        self.engine = GenerationEngine(model.llm, tokenizer)
-        self.max_rows, self.wait_s = max_rows, wait_s
+        self.engine = GenerationEngine(model.llm, tokenizer, max_slots=max_rows)
+        self.wait_s = wait_s
         self.q: queue.Queue[_Job] = queue.Queue()
         self.waiting_rows = 0
-        self.batches = 0
-        self._carry: list[_Job] = []  # taken from the queue but left for the next batch (batcher thread only)
+        self.batches = 0  # prefills: requests that joined the running batch together
+        self.steps = 0  # decode steps
+        self._held: _Job | None = None  # taken from the queue, waiting for free slots (batcher thread only)
+        self._owners: dict[int, tuple[_Job, int]] = {}  # engine sequence id -> (job, row)
         self._lock = threading.Lock()
         threading.Thread(target=self._loop, name="minigpt4-batcher", daemon=True).start()
 
     def submit(self, job: _Job) -> None:
+        if len(job.prompts) > self.engine.max_slots:
+            raise APIError(400, f"{len(job.prompts)} rows (n x images) exceed the {self.engine.max_slots} rows a "
+                                "replica decodes at once (max_batch_size)")
         with self._lock:
             self.waiting_rows += len(job.prompts)
         self.q.put(job)
 
+    def _next(self, timeout: float | None) -> _Job | None:
+        """The oldest waiting job (the held one first), waiting up to `timeout` (None: forever, 0: not at all)."""
+        if self._held is not None:
+            job, self._held = self._held, None
+            return job
+        try:
+            return self.q.get(timeout=timeout) if timeout != 0 else self.q.get_nowait()
+        except queue.Empty:
+            return None
+
     def _take(self) -> list[_Job]:
-        jobs = [self._carry.pop(0) if self._carry else self.q.get()]
-        if jobs[0].beams:  # beam search runs alone: it needs one num_beams for the whole batch
-            return jobs
-        rows = len(jobs[0].prompts)
-        deadline = time.monotonic() + self.wait_s
-        held = []
-        while rows < self.max_rows:
-            try:
-                job = self.q.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if job.beams or rows + len(job.prompts) > self.max_rows:
-                held.append(job)
-                break
+        """Jobs to start now, oldest first, as many as the free slots hold. An idle engine waits for a
+        first job, then up to wait_s for others to share its prefill; a busy one takes what is queued.
+        A beam-search job runs alone, after the running batch."""
+        idle = not self.engine.busy
+        jobs: list[_Job] = []
+        rows, deadline = 0, None
+        while True:
+            timeout = 0 if not idle else None if deadline is None else max(0.0, deadline - time.monotonic())
+            job = self._next(timeout)
+            if job is None:
+                return jobs
+            if (job.beams and (jobs or not idle)) or rows + len(job.prompts) > self.engine.free_slots:
+                self._held = job  # keeps its place at the head of the line
+                return jobs
             jobs.append(job)
+            if job.beams:
+                return jobs
             rows += len(job.prompts)
-        self._carry += held  # first in the next batch: a job that did not fit keeps its place
-        return jobs
+            deadline = deadline or time.monotonic() + self.wait_s
 
     def _loop(self) -> None:
-        import torch
-
         while True:
             jobs = self._take()
             with self._lock:
                 self.waiting_rows -= sum(len(j.prompts) for j in jobs)
-            owners = [(j, r) for j in jobs for r in range(len(j.prompts))]
-            try:
-                with torch.no_grad():
-                    embeds = self.model.generation_inputs(self.tokenizer, [p for j in jobs for p in j.prompts],
-                                                          [x for j in jobs for x in j.images])
-                    params = [p for j in jobs for p in j.params]
-                    self.batches += 1
-                    for events in self.engine.stream(embeds, params):
-                        for ev in events:
-                            job, row = owners[ev.index]
-                            job.deliver("token", (row, ev))
-            except Exception as e:  # the requests fail, the replica lives on
-                log.exception("generation batch failed")
-                for j in jobs:
-                    j.deliver("error", e)
+            if jobs and jobs[0].beams:
+                self._run_alone(jobs[0])
+            elif jobs:
+                self._join(jobs)
+            if self.engine.busy:
+                self._step()
+
+    def _embeds(self, jobs: list[_Job]):
+        import torch
+
+        with torch.no_grad():
+            return self.model.generation_inputs(self.tokenizer, [p for j in jobs for p in j.prompts],
+                                                [x for j in jobs for x in j.images])
+
+    def _join(self, jobs: list[_Job]) -> None:
+        """Prefill the jobs' rows into free slots (one forward); they decode from the next step on.
+        Each job samples from its own seeded generator: its output does not depend on its company."""
+        import torch
+
+        try:
+            gens = []
+            for j in jobs:
+                seed = j.params[0].seed
+                gen = torch.Generator(device=self.model.device).manual_seed(seed) if seed is not None else None
+                gens += [gen] * len(j.prompts)
+            ids = self.engine.add(self._embeds(jobs), [p for j in jobs for p in j.params], gens)
+        except Exception as e:  # these requests fail; the running ones go on
+            log.exception("prefill failed")
+            for j in jobs:
+                j.deliver("error", e)
+            return
+        self.batches += 1
+        self._owners.update(zip(ids, [(j, r) for j in jobs for r in range(len(j.prompts))]))
+
+    def _step(self) -> None:
+        try:
+            events = self.engine.step()
+            self.steps += 1
+            for ev in events:
+                job, row = self._owners[ev.index] if ev.completion is None else self._owners.pop(ev.index)
+                job.deliver("token", (row, ev))
+        except Exception as e:  # the running requests fail, the replica lives on
+            log.exception("decode step failed")
+            for job in {id(j): j for j, _ in self._owners.values()}.values():
+                job.deliver("error", e)
+            self._owners.clear()
+            self.engine.abort()
+
+    def _run_alone(self, job: _Job) -> None:
+        """Beam search: the whole job in one engine call (beams are known only at the end)."""
+        try:
+            for events in self.engine.stream(self._embeds([job]), job.params):
+                for ev in events:
+                    job.deliver("token", (ev.index, ev))
+        except Exception as e:
+            log.exception("beam search failed")
+            job.deliver("error", e)
+        self.batches += 1
 
 
 # -- the documented request bodies (/openapi.json; the routes read raw JSON and validate it themselves) --
@@ -559,7 +619,7 @@ def deployment_class():
         @api.get("/healthz")
         async def healthz(self):
             return {"status": "ok", "model": self.s.model_id, "batches": self.batcher.batches,
-                    "waiting_rows": self.batcher.waiting_rows}
+                    "steps": self.batcher.steps, "waiting_rows": self.batcher.waiting_rows}
 
         @api.get("/v1/models")
         async def models(self, request: Request):
