@@ -11,7 +11,8 @@ The pipeline is the training data pipeline with the caption task, then the model
 **Exactly once.** A *unit* (one webdataset shard, one parquet file, or `unit_size` images of a prefix)
 is what gets committed. Every row carries its unit's id; the unit's last row carries how many rows the
 unit delivered. The driver gathers captions per unit and, once a unit is complete, writes
-`data/<unit>.parquet` and then `_done/<unit>.json`. A rerun lists `_done/` and leaves those units out.
+`data/<unit>.parquet` and then `_done/<unit>.json`. A rerun lists `_done/` and leaves those units out
+(with all of them done it starts no actor at all).
 A crash between the two writes only means the unit is captioned again and its data file (same name)
 overwritten, so every good key is in the output once. Rows a retried actor task delivers twice are
 deduplicated by key. Bad images go to `_errors/` (per-unit parquet: key, reason, detail), written
@@ -25,6 +26,7 @@ Output layout (a local directory or an s3:// prefix):
 
     _job.json                      the job's settings
     data/<unit>.parquet            key, caption, finish_reason, tokens, timing, prompt, params, model, weights
+                                   (+ continued_tokens: the second turn's, with continue_below)
     _done/<unit>.json              commit marker: rows in the data file
     _errors/<source>/<unit>.parquet, _errors/_stats/<unit>.json     bad inputs, per-unit delivery counts
     _summary.json                  the last run's summary
@@ -55,9 +57,11 @@ DATA_DIR, DONE_DIR, ERRORS_DIR = "data", "_done", "_errors"
 JOB_FILE, SUMMARY_FILE = "_job.json", "_summary.json"
 # what a resumed run must agree on with the run that started the output
 PINNED = ("input", "format", "unit_size", "image_column", "key_column", "prompt", "template", "sampling", "model",
-          "weights")
+          "weights", "continue_below", "continue_prompt")
 FAIL_AFTER_ENV = "MINIGPT4_CAPTION_FAIL_AFTER"  # tests: "<batches>:<flag file>" kills one actor once
 CAPTION_MAX_NEW_TOKENS = 128  # a caption's default length (SamplingParams' own default, 300, suits chat)
+ROW_COLUMNS = ("key", "caption", "finish_reason", "prompt_tokens", "generated_tokens", "seconds")
+CONTINUED = "continued_tokens"  # a row column of jobs that continue short answers (0: not continued)
 
 
 @dataclass
@@ -100,10 +104,19 @@ class CaptionConfig:
     s3: uio.S3Options = field(default_factory=uio.S3Options)
     log_every: float = 10.0
     """Seconds between progress lines."""
+    continue_below: int = 0
+    """Answers of fewer generated tokens get a second turn, `continue_prompt` asked after the first answer
+    in the model's template, and the caption is both answers joined (MiniGPT-4's stage-2 data generation
+    continued answers under 80 tokens); 0: one turn. The rows then carry `continued_tokens`."""
+    continue_prompt: str = "Continue"
 
     def __post_init__(self):
         if self.template not in TEMPLATES:
             raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, not {self.template!r}")
+        if self.continue_below < 0:
+            raise ValueError(f"continue_below must be >= 0, got {self.continue_below}")
+        if self.continue_below and self.template != "chat":
+            raise ValueError("continue_below needs template=chat (a second turn is a conversation)")
         if self.format != "auto" and self.format not in FORMATS:
             raise ValueError(f"format must be auto or one of {', '.join(FORMATS)}, not {self.format!r}")
         if self.batch_size < 1:
@@ -205,22 +218,38 @@ class Captioner:
         real = np.flatnonzero(batch["unit_rows"] != 0)
         captions, reasons = [""] * n, [""] * n
         prompt_tokens, new_tokens, seconds = np.zeros(n, np.int32), np.zeros(n, np.int32), np.zeros(n, np.float32)
+        continued = np.zeros(n, np.int32)
         for start in range(0, len(real), self.cfg.batch_size):
             idx = real[start:start + self.cfg.batch_size]
             pixels = torch.from_numpy(np.ascontiguousarray(batch["pixel_values"][idx])).to(self.model.device)
             t = time.perf_counter()
             comps = self.model.generate(self.tokenizer, [self.prompt] * len(idx), pixels, self.params)
-            dt = (time.perf_counter() - t) / len(idx)
             for i, c in zip(idx, comps):
                 captions[i], reasons[i] = c.text.strip(), c.finish_reason
-                prompt_tokens[i], new_tokens[i], seconds[i] = c.prompt_tokens, len(c.token_ids), dt
+                prompt_tokens[i], new_tokens[i] = c.prompt_tokens, len(c.token_ids)
+            short = [j for j, c in enumerate(comps) if len(c.token_ids) < self.cfg.continue_below]
+            if short:
+                for i, c in zip(idx[short], self._continue(pixels[short], [captions[i] for i in idx[short]])):
+                    captions[i] = " ".join(t for t in (captions[i], c.text.strip()) if t)
+                    reasons[i], continued[i] = c.finish_reason, len(c.token_ids)
+                    new_tokens[i] += len(c.token_ids)
+            seconds[idx] = (time.perf_counter() - t) / len(idx)
         self.batches += 1
         if self._fail_after and self.batches >= self._fail_after[0]:
             _fire(self._fail_after[1])
-        return {"key": batch["key"], "unit": batch["unit"], "unit_row": batch["unit_row"],
-                "unit_rows": batch["unit_rows"],
-                "caption": np.array(captions, dtype=object), "finish_reason": np.array(reasons, dtype=object),
-                "prompt_tokens": prompt_tokens, "generated_tokens": new_tokens, "seconds": seconds}
+        out = {"key": batch["key"], "unit": batch["unit"], "unit_row": batch["unit_row"],
+               "unit_rows": batch["unit_rows"],
+               "caption": np.array(captions, dtype=object), "finish_reason": np.array(reasons, dtype=object),
+               "prompt_tokens": prompt_tokens, "generated_tokens": new_tokens, "seconds": seconds}
+        return out | ({CONTINUED: continued} if self.cfg.continue_below else {})
+
+    def _continue(self, pixels, answers: list[str]) -> list:
+        """The second turn of the rows whose first answer was short, in one batched call: the conversation
+        so far (prompt, answer) and `continue_prompt` in the model's template."""
+        from .prompts import follow_up
+
+        prompts = [follow_up(self.prompt, a, self.cfg.continue_prompt, self.model.cfg.template) for a in answers]
+        return self.model.generate(self.tokenizer, prompts, pixels, self.params)
 
 
 def _fail_after():
@@ -250,7 +279,7 @@ class Committer:
         self.output, self.s3, self.columns = output, s3, columns  # constant columns (prompt, params, ...)
         self.pending: dict[str, dict] = {}
         self.committed: set[str] = set()
-        self.units = self.rows = self.tokens = self.duplicates = self.duplicate_keys = 0
+        self.units = self.rows = self.tokens = self.duplicates = self.duplicate_keys = self.continued = 0
 
     def add(self, batch: dict) -> None:
         for j in range(len(batch["key"])):
@@ -266,8 +295,7 @@ class Committer:
                 ordinal = int(batch["unit_row"][j])
                 if ordinal in p["rows"]:  # the same row again, from a retried task
                     self.duplicates += 1
-                p["rows"][ordinal] = {c: batch[c][j] for c in ("key", "caption", "finish_reason", "prompt_tokens",
-                                                                "generated_tokens", "seconds")}
+                p["rows"][ordinal] = {c: batch[c][j] for c in ROW_COLUMNS + (CONTINUED,) if c in batch}
             if p["total"] is not None and len(p["rows"]) >= p["total"]:
                 self.commit(u, self.pending.pop(u))
                 self.committed.add(u)
@@ -295,11 +323,14 @@ class Committer:
                 "seconds": pa.array([float(r["seconds"]) for r in rows], pa.float32()),
                 **{c: pa.array([v] * n, pa.string()) for c, v in self.columns.items()},
                 "unit": pa.array([unit] * n, pa.string()),
+                **({CONTINUED: pa.array([int(r[CONTINUED]) for r in rows], pa.int32())} if CONTINUED in rows[0]
+                   else {}),
             })
             buf = io.BytesIO()
             pq.write_table(table, buf)
             uio.write_bytes(uio.join(self.output, DATA_DIR, f"{unit}.parquet"), buf.getvalue(), self.s3)
             self.tokens += sum(int(r["generated_tokens"]) for r in rows)
+            self.continued += sum(int(r.get(CONTINUED, 0)) > 0 for r in rows)
         if marker:  # written last: a marker means the unit's data file is complete
             uio.write_bytes(uio.join(self.output, DONE_DIR, f"{unit}.json"),
                             json.dumps({"unit": unit, "rows": len(keys)}).encode(), self.s3)
@@ -352,7 +383,8 @@ def _check_job_file(cfg: CaptionConfig, s3) -> None:
     pinned = cfg.pinned()
     if uio.exists(uri, s3):
         before = json.loads(uio.read_bytes(uri, s3))
-        diff = sorted(k for k in PINNED if before.get(k) != pinned[k])
+        defaults = CaptionConfig().pinned()  # settings added since an older job file was written
+        diff = sorted(k for k in PINNED if before.get(k, defaults[k]) != pinned[k])
         if diff:
             raise ValueError(f"{cfg.output} holds captions of a different job ({', '.join(diff)} differ); "
                              f"rerun with overwrite=true (--overwrite) to replace them, or pick another output")
@@ -363,10 +395,7 @@ def _check_job_file(cfg: CaptionConfig, s3) -> None:
 # -- the job ---------------------------------------------------------------------------------------
 def run(cfg: CaptionConfig, say=print) -> dict:
     """Caption `cfg.input` into `cfg.output` on the connected Ray cluster; returns the summary."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    from .data.pipeline import build_dataset, summarize
+    from .data.pipeline import summarize
 
     s3 = cfg.s3
     if not cfg.output:
@@ -381,9 +410,48 @@ def run(cfg: CaptionConfig, say=print) -> dict:
     skip = done_units(cfg.output, s3)
     if skip:
         say(f"[caption] resuming: {len(skip):,} units already committed in {cfg.output} are skipped")
+    errors = uio.join(cfg.output, ERRORS_DIR)
+    if skip and _nothing_left(source, skip, s3):  # no actors started, no model loaded, for nothing
+        say("[caption] every unit of the input is committed: nothing to caption")
+        committer, wall, first, partial = Committer(cfg.output, s3, {}), 0.0, None, 0
+    else:
+        committer, wall, first, partial = _caption(cfg, source, model_cfg, skip, errors, say)
+    report = summarize(errors, s3)
+    summary = {
+        "input": cfg.input, "output": cfg.output, "format": source.format, "model": model_cfg.name,
+        "images_captioned": committer.rows, "units_committed": committer.units, "units_cut_short": partial,
+        "units_skipped_as_done": len(skip), "units_done_total": len(skip) + committer.units,
+        "errors": report.errors, "errors_total": report.skipped,
+        "generated_tokens": committer.tokens, "captions_continued": committer.continued,
+        "duplicates_dropped": committer.duplicates,
+        "duplicate_input_keys": committer.duplicate_keys,
+        "wall_seconds": round(wall, 2), "first_captions_seconds": round(first or 0.0, 2),
+        "images_per_second": round(committer.rows / wall, 3) if wall else 0.0,
+        "generated_tokens_per_second": round(committer.tokens / wall, 2) if wall else 0.0,
+    }
+    uio.write_bytes(uio.join(cfg.output, SUMMARY_FILE), json.dumps(summary, indent=1).encode(), s3)
+    return summary
+
+
+def _nothing_left(source: SourceConfig, done: set[str], s3: uio.S3Options | None) -> bool:
+    """Whether every unit of the input is committed (the listing stops at the first one that is not)."""
+    from .data.pipeline import source_unit_hash
+    from .data.sources import iter_units
+
+    return all(source_unit_hash(source.name, u["id"]) in done for u in iter_units(source, s3))
+
+
+def _caption(cfg: CaptionConfig, source: SourceConfig, model_cfg, skip: set[str], errors: str, say):
+    """The pipeline: units not in `skip` -> Captioner actors -> the driver's Committer.
+    Returns (committer, wall seconds, seconds to the first captions, units cut short by `limit`)."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from .data.pipeline import build_dataset
+
+    s3 = cfg.s3
     num_gpus = cfg.num_gpus if cfg.num_gpus is not None else (1 if ray.cluster_resources().get("GPU", 0) else 0)
     cfg = dataclasses.replace(cfg, num_gpus=num_gpus)
-    errors = uio.join(cfg.output, ERRORS_DIR)
     process = ProcessConfig.for_model(model_cfg, "caption")
     ds = build_dataset(source, process, errors=errors, s3=s3, shuffle_seed=None, markers=True, skip_units=skip,
                        num_cpus=cfg.preprocess_cpus, rows_per_block=cfg.batch_size)
@@ -421,20 +489,7 @@ def run(cfg: CaptionConfig, say=print) -> dict:
     partial = committer.flush_partial() if cfg.limit else 0
     if committer.pending:  # cannot happen unless a unit lost rows: say so rather than drop them quietly
         raise RuntimeError(f"{len(committer.pending)} units ended incomplete: {sorted(committer.pending)[:3]}")
-    report = summarize(errors, s3)
-    summary = {
-        "input": cfg.input, "output": cfg.output, "format": source.format, "model": model_cfg.name,
-        "images_captioned": committer.rows, "units_committed": committer.units, "units_cut_short": partial,
-        "units_skipped_as_done": len(skip), "units_done_total": len(skip) + committer.units,
-        "errors": report.errors, "errors_total": report.skipped,
-        "generated_tokens": committer.tokens, "duplicates_dropped": committer.duplicates,
-        "duplicate_input_keys": committer.duplicate_keys,
-        "wall_seconds": round(wall, 2), "first_captions_seconds": round(first or 0.0, 2),
-        "images_per_second": round(committer.rows / wall, 3) if wall else 0.0,
-        "generated_tokens_per_second": round(committer.tokens / wall, 2) if wall else 0.0,
-    }
-    uio.write_bytes(uio.join(cfg.output, SUMMARY_FILE), json.dumps(summary, indent=1).encode(), s3)
-    return summary
+    return committer, wall, first, partial
 
 
 def _weights_id(weights: WeightsConfig) -> str:
@@ -449,6 +504,8 @@ def format_summary(s: dict) -> str:
     if s["units_skipped_as_done"]:
         lines.append(f"  {s['units_skipped_as_done']:,} units were already done; the output now holds "
                      f"{s['units_done_total']:,} committed units")
+    if s["captions_continued"]:
+        lines.append(f"  {s['captions_continued']:,} short answers were continued with a second turn")
     if s["duplicate_input_keys"]:
         lines.append(f"  {s['duplicate_input_keys']:,} rows repeated a key already in their unit: the first row of "
                      "each key was kept")

@@ -101,6 +101,16 @@ def collate_training(samples: list[dict], pad_token_id: int, pad_to: int | None 
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
 
 
+def follow_up(prompt: str, answer: str, question: str, template: str) -> str:
+    """The prompt of a second turn: the first turn's prompt and answer, the answer closed by the template's
+    end symbol as in training, then `question` in the instruction template. Vicuna v0:
+    `###Human: ... ###Assistant: {answer}###Human: Continue ###Assistant: ` (MiniGPT-4's continuation of
+    short stage-2 descriptions)."""
+    turn = INSTRUCTION_TEMPLATES[template]
+    end = "" if turn.startswith(END_SYMS[template]) else END_SYMS[template]  # Vicuna's turn opens with ###
+    return prompt + answer + end + turn.format(question)
+
+
 def stage2_prompt(template: str, rng: random.Random | None = None, instruction: str | None = None) -> str:
     """The stage-2 prompt: a random alignment instruction inside the template (one per batch, as the original)."""
     instruction = instruction or (rng or random).choice(ALIGNMENT_INSTRUCTIONS)
