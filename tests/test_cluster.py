@@ -32,6 +32,8 @@ RAYJOBS = {  # manifest -> the job script its entrypoint must run
     "rayjob-pretrain.yaml": "jobs/pretrain.py",
     "rayjob-finetune.yaml": "jobs/finetune.py",
     "rayjob-caption.yaml": "jobs/caption.py",
+    "rayjob-evaluate.yaml": "jobs/evaluate.py",
+    "rayjob-curate.yaml": "jobs/curate.py",
 }
 CACHE_ENV = ("MINIGPT4_CACHE", "/mnt/cache/minigpt4")
 A100_INSTANCE_TYPES = {"p4d.24xlarge", "p4de.24xlarge"}
