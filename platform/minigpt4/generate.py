@@ -238,7 +238,8 @@ class GenerationEngine:
     static: the slot engine over a reused static KV cache (default); False gives the simple
     DynamicCache path. max_slots: sequences decoding at once in the static engine (more prompts
     queue for free slots). compile: compile the static decode step with `COMPILE_OPTIONS`
-    (default: on for a CUDA, non-quantized LLM; off on CPU, where there are no CUDA graphs).
+    (default: on for a CUDA LLM that bitsandbytes did not quantize, int8wo included; off on CPU, where
+    there are no CUDA graphs).
     """
 
     def __init__(self, llm, tokenizer, static: bool = True, max_slots: int = 256, compile: bool | None = None):
@@ -572,7 +573,7 @@ class GenerationEngine:
         return min(self._cache.slots, _pow2_at_least(last_slot + 1))
 
     def _compile_step(self, device: torch.device) -> bool:
-        if self.compile is None:  # bitsandbytes layers do not compile: quantized LLMs run the step eagerly
+        if self.compile is None:  # bitsandbytes layers do not compile: their LLMs run the step eagerly
             self.compile = device.type == "cuda" and not self._quantized
         return self.compile
 

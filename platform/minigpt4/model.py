@@ -48,9 +48,12 @@ class ModelConfig:
     vision_dtype: str = "fp16"
     """Storage dtype of the ViT's Conv/Linear weights (LayerNorms stay fp32); compute runs under autocast."""
     llm_dtype: str = "fp16"
-    """LLM weight dtype (fp32/fp16/bf16) when not quantized."""
+    """LLM weight dtype (fp32/fp16/bf16) when not quantized; with int8wo, of the embeddings, norms and lm_head."""
     quantize_llm: str = "none"
-    """'none', '8bit' (LLM.int8) or '4bit' (NF4), through transformers' BitsAndBytesConfig."""
+    """'none'; 'int8wo' (ours, minigpt4.int8): weight-only int8, every Linear of the decoder layers holds int8
+    weights and one scale per output channel and dequantizes inside the matmul (about half of bf16's bytes;
+    the engine compiles it, so it is the fast 8-bit path); or bitsandbytes, through transformers'
+    BitsAndBytesConfig, as MiniGPT-4's low-resource mode: '8bit' (LLM.int8) or '4bit' (NF4)."""
     train_llm: str = "none"
     """'none' (MiniGPT-4: only llama_proj trains), 'full', or 'lora' (needs peft)."""
     train_vision: bool = False
@@ -69,12 +72,14 @@ class ModelConfig:
         for key in ("vision_dtype", "llm_dtype"):
             if getattr(self, key) not in DTYPES:
                 raise ValueError(f"model.{key} must be one of {sorted(DTYPES)}, got {getattr(self, key)!r}")
-        if self.quantize_llm not in ("none", "8bit", "4bit"):
-            raise ValueError(f"model.quantize_llm must be none/8bit/4bit, got {self.quantize_llm!r}")
+        if self.quantize_llm not in ("none", "int8wo", "8bit", "4bit"):
+            raise ValueError(f"model.quantize_llm must be none/int8wo/8bit/4bit, got {self.quantize_llm!r}")
         if self.train_llm not in ("none", "full", "lora"):
             raise ValueError(f"model.train_llm must be none/full/lora, got {self.train_llm!r}")
         if self.quantize_llm != "none" and self.train_llm == "full":
             raise ValueError("model.train_llm='full' cannot train a quantized LLM; use 'lora' or quantize_llm='none'")
+        if self.quantize_llm == "int8wo" and self.train_llm == "lora":  # peft knows nn.Linear and bitsandbytes only
+            raise ValueError("model.train_llm='lora' cannot adapt int8wo layers; use quantize_llm='8bit'/'4bit'/'none'")
         if self.template not in ("vicuna_v0", "llama2"):
             raise ValueError(f"model.template must be vicuna_v0 or llama2, got {self.template!r}")
         self.lora_target_modules = tuple(self.lora_target_modules)
@@ -212,8 +217,12 @@ class MiniGPT4(nn.Module):
             lcfg = cfg.llm_config()
             lcfg._attn_implementation = cfg.attn_implementation
             llm = LlamaForCausalLM(lcfg)
-            if cfg.quantize_llm == "none":
+            if cfg.quantize_llm in ("none", "int8wo"):
                 llm.to(DTYPES[cfg.llm_dtype])
+        if cfg.quantize_llm == "int8wo":  # a no-op for an LLM that weights.py loaded quantized
+            from minigpt4.int8 import quantize_llm_int8
+
+            quantize_llm_int8(llm)
         self.llm = llm
         self.llama_proj = nn.Linear(cfg.proj_in_features, self.llm.config.hidden_size)  # (B, 32, 768) -> (B, 32, H)
         self._cast_vision(DTYPES[cfg.vision_dtype])
@@ -265,12 +274,19 @@ class MiniGPT4(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+        """Parameters; int8wo's int8 weights (buffers) count as the frozen parameters they stand for."""
+        n = sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+        return n if trainable_only else n + _int8_weights(self)
+
+    def llm_weight_bytes(self) -> int:
+        """Bytes of the LLM's parameters and buffers (int8wo's int8 weights and scales are buffers);
+        bitsandbytes keeps its quantization statistics outside both, a few percent of its bytes."""
+        return sum(t.numel() * t.element_size() for t in (*self.llm.parameters(), *self.llm.buffers()))
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part (works on the meta device)."""
         parts = {"vision": self.vision, "llama_proj": self.llama_proj, "llm": self.llm}
-        out = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
+        out = {k: sum(p.numel() for p in m.parameters()) + _int8_weights(m) for k, m in parts.items()}
         out["qformer"] = (sum(p.numel() for p in self.qformer.parameters()) + self.query_tokens.numel()
                           if self.qformer is not None else 0)
         out["trainable"] = self.num_parameters(trainable_only=True)
@@ -411,6 +427,14 @@ def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", llm: nn.Mo
     """Build the graph with random weights on `device` (use 'meta' to count 7B parameters for free)."""
     with torch.device(device):
         return MiniGPT4(cfg, llm=llm)
+
+
+def _int8_weights(module: nn.Module) -> int:
+    """Weight and bias elements of the int8wo layers in `module` (buffers, so not among its parameters)."""
+    from minigpt4.int8 import Int8Linear
+
+    return sum(m.weight.numel() + (0 if m.bias is None else m.bias.numel())
+               for m in module.modules() if isinstance(m, Int8Linear))
 
 
 def expected_trainable(cfg: ModelConfig) -> int:

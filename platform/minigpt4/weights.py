@@ -30,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from minigpt4.int8 import quantize_llm_int8
 from minigpt4.model import DTYPES, MiniGPT4, ModelConfig, build_model
 from minigpt4.storage import resolve
 
@@ -480,8 +481,9 @@ def load_minigpt4(model: MiniGPT4, uri: str, strict: bool = True) -> LoadReport:
 
 # -- format 5: the LLM -----------------------------------------------------------------------------
 def _quantization_config(cfg: ModelConfig):
-    """BitsAndBytesConfig for cfg.quantize_llm (None for 'none'); transformers 5 takes no load_in_8bit kwarg."""
-    if cfg.quantize_llm == "none":
+    """BitsAndBytesConfig for cfg.quantize_llm (None for 'none' and for our 'int8wo', applied after loading);
+    transformers 5 takes no load_in_8bit kwarg."""
+    if cfg.quantize_llm in ("none", "int8wo"):
         return None
     from transformers import BitsAndBytesConfig  # needs bitsandbytes only when actually used
 
@@ -496,9 +498,10 @@ def _load_llm(uri: str, cfg: ModelConfig, device=None):
     from transformers import LlamaForCausalLM
 
     path = resolve(uri)
+    int8wo = cfg.quantize_llm == "int8wo"
     kwargs = dict(dtype=DTYPES[cfg.llm_dtype], attn_implementation=cfg.attn_implementation,
                   quantization_config=_quantization_config(cfg))
-    if device is not None:  # quantized weights must be placed at load time, not moved afterwards
+    if device is not None and not int8wo:  # bitsandbytes weights must be placed at load time, not moved afterwards
         kwargs["device_map"] = {"": str(device)}
     # transformers itself drops the rotary `inv_freq` buffers that old LLaMA shards carry
     llm, info = LlamaForCausalLM.from_pretrained(str(path), output_loading_info=True, **kwargs)
@@ -506,6 +509,8 @@ def _load_llm(uri: str, cfg: ModelConfig, device=None):
     report = LoadReport(source=str(uri), kind="llm", unexpected=sorted(info.get("unexpected_keys", ())),
                         missing=sorted("llm." + k for k in missing),
                         loaded=["llm." + n for n, _ in llm.named_parameters() if n not in missing])
+    if int8wo:  # loaded on the CPU, quantized onto the device layer by layer: never all of it there in llm_dtype
+        quantize_llm_int8(llm, device)
     return llm, report, path
 
 
