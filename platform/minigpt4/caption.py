@@ -493,7 +493,10 @@ def _caption(cfg: CaptionConfig, source: SourceConfig, model_cfg, skip: set[str]
 
 
 def _weights_id(weights: WeightsConfig) -> str:
-    parts = [f"{k}={v}" for k, v in dataclasses.asdict(weights).items() if v and k not in ("strict",)]
+    """The weights as one readable string for the output rows and reports: `part=uri`, several files of
+    one part joined with `+` (loaded in that order)."""
+    parts = [f"{k}={'+'.join(v) if isinstance(v, (list, tuple)) else v}"
+             for k, v in dataclasses.asdict(weights).items() if v and k not in ("strict",)]
     return ";".join(parts) or "random"
 
 
@@ -529,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--template", choices=TEMPLATES, help="chat (the model's template) or raw")
     ap.add_argument("--weights", action="append", help="MiniGPT-4 .pth (repeat to load several, in order)")
     ap.add_argument("--preset", help="model preset (tiny, vicuna7b, vicuna13b, llama2_7b)")
-    ap.add_argument("--quantize", choices=("none", "8bit", "4bit"), help="LLM quantization (bitsandbytes, GPU)")
+    ap.add_argument("--quantize", choices=("none", "int8wo", "8bit", "4bit"),
+                    help="LLM quantization: int8wo (weight-only int8, ours), 8bit / 4bit (bitsandbytes)")
     ap.add_argument("--max-new-tokens", type=int)
     ap.add_argument("--temperature", type=float, help="> 0 turns sampling on")
     ap.add_argument("--top-p", type=float)
