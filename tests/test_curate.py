@@ -25,6 +25,12 @@ from minigpt4.data import io as uio
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_NEW, MIN_TOKENS = 24, 15  # the tiny model's greedy first answers here: 10 or 19 tokens, so both kinds occur
+# tiny, with its random ViT at std 0.02: transformers' default ViT init (1e-10, for loading pretrained
+# weights over) leaves a random model blind to the image, every answer the same length
+MODEL_SPEC = {"preset": "tiny", "vision": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                           "num_attention_heads": 4, "image_size": 32, "patch_size": 8,
+                                           "layer_norm_eps": 1e-6, "qkv_bias": True, "hidden_act": "gelu",
+                                           "initializer_range": 0.02}}
 CLEAN = [
     "The image shows a red circle in the middle of a white background. A small blue square sits to its right.",
     "A green triangle stands near the top left corner of the picture, and the rest of the frame is empty.",
@@ -72,7 +78,7 @@ def generated(ray_cluster, curate_input, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("curate") / "base"
     cfg = CurateConfig(input=curate_input.input, output=str(out), unit_size=4, min_tokens=MIN_TOKENS,
-                       sampling=SamplingParams(max_new_tokens=MAX_NEW), batch_size=8, concurrency=[1],
+                       model=MODEL_SPEC, sampling=SamplingParams(max_new_tokens=MAX_NEW), batch_size=8, concurrency=[1],
                        preprocess_cpus=0.5, cpus_per_actor=0.5, log_every=1.0)
     lines = []
     report = run(cfg, say=lines.append)
