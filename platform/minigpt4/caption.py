@@ -589,11 +589,18 @@ def main(argv: list[str] | None = None) -> int:
             embedded.stop()
         return 2
 
+    return run_on_ray(lambda: format_summary(run(cfg)), args.address, runtime_env, embedded)
+
+
+def run_on_ray(job, address: str | None, runtime_env: dict | None, embedded=None) -> int:
+    """The command-line tail of the Ray Data jobs (caption, evaluate, curate): connect to Ray, run
+    `job()` (which returns the text to print), then disconnect and stop the embedded S3 server; a
+    ValueError or ObjectError from the job is a one-line error and exit code 2."""
     import ray
 
-    ray.init(address=args.address, runtime_env=runtime_env, include_dashboard=False)
+    ray.init(address=address, runtime_env=runtime_env, include_dashboard=False)
     try:
-        summary = run(cfg)
+        text = job()
     except (ValueError, uio.ObjectError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -601,5 +608,5 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
         if embedded:
             embedded.stop()
-    print(format_summary(summary))
+    print(text)
     return 0

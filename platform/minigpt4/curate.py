@@ -585,17 +585,4 @@ def main(argv: list[str] | None = None) -> int:
             embedded.stop()
         return 2
 
-    import ray
-
-    ray.init(address=args.address, runtime_env=runtime_env, include_dashboard=False)
-    try:
-        report = run(cfg)
-    except (ValueError, uio.ObjectError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        ray.shutdown()
-        if embedded:
-            embedded.stop()
-    print(format_report(report))
-    return 0
+    return caption.run_on_ray(lambda: format_report(run(cfg)), args.address, runtime_env, embedded)

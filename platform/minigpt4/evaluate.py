@@ -534,25 +534,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--annotations and --output are required with --input")
         annotations = load_annotations(cfg.annotations, cfg.instances, cfg.s3)  # bad files fail before Ray starts
         ground_truth(annotations, load_vocabulary(cfg.vocabulary, annotations.kind, cfg.s3)[1])
-        cfg.caption_config(next(iter(cfg.prompts))).model_config()
-        cfg.format = caption.source_config(cfg.caption_config(next(iter(cfg.prompts)))).format
+        first = cfg.caption_config(next(iter(cfg.prompts)))
+        first.model_config()
+        cfg.format = caption.source_config(first).format
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         if embedded:
             embedded.stop()
         return 2
 
-    import ray
-
-    ray.init(address=args.address, runtime_env=runtime_env, include_dashboard=False)
-    try:
-        report = run(cfg, annotations=annotations)
-    except (ValueError, uio.ObjectError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        ray.shutdown()
-        if embedded:
-            embedded.stop()
-    print(markdown(report))
-    return 0
+    return caption.run_on_ray(lambda: markdown(run(cfg, annotations=annotations)), args.address, runtime_env,
+                              embedded)
