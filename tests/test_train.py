@@ -181,6 +181,11 @@ def test_train_step_bench_runs_on_cpu_and_writes_its_table(tmp_path):
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=root)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "train_step.json").read_text())
-    assert report["preset"] == "tiny" and set(report["rows"]) == {"naive eager loop", "Ray Train + DeepSpeed job"}
+    assert report["preset"] == "tiny" and list(report["rows"]) == [
+        "naive eager loop", "Ray Train + DeepSpeed job", "naive eager loop, cached features",
+        "Ray Train + DeepSpeed job, cached features"]
     assert all(r["samples_per_s"] > 0 for r in report["rows"].values())
-    assert "| naive eager loop |" in (tmp_path / "train_step.md").read_text()
+    # the feature job encoded every synthetic image (2 shards of 64 at batch 8) before its job read them
+    assert report["feature_job"]["images_encoded"] == 128 and report["feature_job"]["errors_total"] == 0
+    table = (tmp_path / "train_step.md").read_text()
+    assert "| naive eager loop |" in table and "| Ray Train + DeepSpeed job, cached features |" in table

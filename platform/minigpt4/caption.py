@@ -273,7 +273,10 @@ def _fire(flag: str) -> None:
 
 # -- committing ------------------------------------------------------------------------------------
 class Committer:
-    """Gathers caption rows per unit and commits each complete unit: data file, then marker."""
+    """Gathers caption rows per unit and commits each complete unit: data file, then marker.
+    (features.FeatureCommitter gathers feature rows the same way and writes its own data file.)"""
+
+    row_columns = ROW_COLUMNS + (CONTINUED,)  # what is kept of each row until its unit commits
 
     def __init__(self, output: str, s3: uio.S3Options | None, columns: dict):
         self.output, self.s3, self.columns = output, s3, columns  # constant columns (prompt, params, ...)
@@ -295,21 +298,32 @@ class Committer:
                 ordinal = int(batch["unit_row"][j])
                 if ordinal in p["rows"]:  # the same row again, from a retried task
                     self.duplicates += 1
-                p["rows"][ordinal] = {c: batch[c][j] for c in ROW_COLUMNS + (CONTINUED,) if c in batch}
+                p["rows"][ordinal] = {c: batch[c][j] for c in self.row_columns if c in batch}
             if p["total"] is not None and len(p["rows"]) >= p["total"]:
                 self.commit(u, self.pending.pop(u))
                 self.committed.add(u)
+
+    def first_per_key(self, p: dict) -> dict[str, dict]:
+        """A pending unit's rows by key, in row order; a key the input holds twice: its first row wins."""
+        by_key: dict[str, dict] = {}
+        for _, r in sorted(p["rows"].items()):
+            if str(r["key"]) in by_key:
+                self.duplicate_keys += 1
+                continue
+            by_key[str(r["key"])] = r
+        return by_key
+
+    def mark(self, unit: str, rows: int) -> None:
+        """The unit's commit marker, written after its data file: a marker means the data file is complete."""
+        uio.write_bytes(uio.join(self.output, DONE_DIR, f"{unit}.json"),
+                        json.dumps({"unit": unit, "rows": rows}).encode(), self.s3)
+        self.units += 1
 
     def commit(self, unit: str, p: dict, marker: bool = True) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        by_key: dict[str, dict] = {}
-        for _, r in sorted(p["rows"].items()):  # a key the input holds twice: its first row wins
-            if str(r["key"]) in by_key:
-                self.duplicate_keys += 1
-                continue
-            by_key[str(r["key"])] = r
+        by_key = self.first_per_key(p)
         keys = sorted(by_key)
         if keys:
             rows = [by_key[k] for k in keys]
@@ -331,10 +345,8 @@ class Committer:
             uio.write_bytes(uio.join(self.output, DATA_DIR, f"{unit}.parquet"), buf.getvalue(), self.s3)
             self.tokens += sum(int(r["generated_tokens"]) for r in rows)
             self.continued += sum(int(r.get(CONTINUED, 0)) > 0 for r in rows)
-        if marker:  # written last: a marker means the unit's data file is complete
-            uio.write_bytes(uio.join(self.output, DONE_DIR, f"{unit}.json"),
-                            json.dumps({"unit": unit, "rows": len(keys)}).encode(), self.s3)
-            self.units += 1
+        if marker:
+            self.mark(unit, len(keys))
         self.rows += len(keys)
 
     def flush_partial(self) -> int:
@@ -356,12 +368,14 @@ def done_units(output: str, s3: uio.S3Options | None = None) -> set[str]:
         return set()
 
 
-def clear_output(output: str, s3: uio.S3Options | None = None) -> int:
-    """Delete what a caption job wrote under `output` (nothing else). Returns objects deleted."""
+def clear_output(output: str, s3: uio.S3Options | None = None,
+                 files: tuple[str, ...] = (JOB_FILE, SUMMARY_FILE)) -> int:
+    """Delete what a caption job (or the feature job, whose top-level `files` differ) wrote under
+    `output` (nothing else). Returns objects deleted."""
     n = 0
     for sub in (DATA_DIR, DONE_DIR, ERRORS_DIR):
         n += uio.remove_prefix(uio.join(output, sub) + "/", s3)
-    for name in (JOB_FILE, SUMMARY_FILE):
+    for name in files:
         n += uio.remove_prefix(uio.join(output, name), s3, exact=True)
     return n
 
@@ -379,14 +393,19 @@ def read_captions(output: str, s3: uio.S3Options | None = None) -> list[dict]:
 
 
 def _check_job_file(cfg: CaptionConfig, s3) -> None:
-    uri = uio.join(cfg.output, JOB_FILE)
-    pinned = cfg.pinned()
+    # defaults: settings added since an older job file was written
+    check_pinned(cfg.output, JOB_FILE, cfg.pinned(), CaptionConfig().pinned(), s3, "captions")
+
+
+def check_pinned(output: str, name: str, pinned: dict, defaults: dict, s3, what: str) -> None:
+    """A resumable job's settings file `output/name`: written on the first run; a later run whose
+    settings differ from it (a missing key counts as its value in `defaults`) is refused."""
+    uri = uio.join(output, name)
     if uio.exists(uri, s3):
         before = json.loads(uio.read_bytes(uri, s3))
-        defaults = CaptionConfig().pinned()  # settings added since an older job file was written
-        diff = sorted(k for k in PINNED if before.get(k, defaults[k]) != pinned[k])
+        diff = sorted(k for k in pinned if before.get(k, defaults.get(k)) != pinned[k])
         if diff:
-            raise ValueError(f"{cfg.output} holds captions of a different job ({', '.join(diff)} differ); "
+            raise ValueError(f"{output} holds {what} of a different job ({', '.join(diff)} differ); "
                              f"rerun with overwrite=true (--overwrite) to replace them, or pick another output")
         return
     uio.write_bytes(uri, json.dumps(pinned, indent=1).encode(), s3)

@@ -124,6 +124,18 @@ class ModelConfig:
     def proj_in_features(self) -> int:
         return self.qformer_config().hidden_size if self.has_qformer else self.vision_config().hidden_size * self.patch_concat
 
+    def check_cached_features(self) -> None:
+        """ValueError unless precomputed encoder outputs (minigpt4.features) can replace the pixels: the
+        encoder must be frozen (features fixed once cannot follow a ViT or Q-Former that trains) and
+        be the Q-Former variant (the LLaMA-2 variant has no Q-Former output to cache)."""
+        if not self.has_qformer:
+            raise ValueError(f"model {self.name} has no Q-Former: cached image features need the Q-Former "
+                             "variant (vicuna7b/vicuna13b/tiny)")
+        trains = [k for k in ("train_vision", "train_qformer") if getattr(self, k)]
+        if trains:
+            raise ValueError(f"cached image features need a frozen encoder, but model.{' and model.'.join(trains)} "
+                             "is on: features computed once cannot follow weights that train; read pixels instead")
+
     @property
     def end_sym(self) -> str:
         """Stage-2 / chat answer terminator."""
@@ -305,6 +317,12 @@ class MiniGPT4(nn.Module):
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalized pixels -> (B, N, H) LLM-space image tokens (N = 32 or 64)."""
+        return self.project_image_features(self.image_features(pixel_values))
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) normalized pixels -> (B, N, D) output of the frozen encoder, before llama_proj:
+        the Q-Former's last_hidden_state (B, 32, 768), or the LLaMA-2 variant's concatenated patches
+        (B, 64, 5632). What the frozen-feature cache stores (minigpt4.features)."""
         # The ViT and Q-Former are frozen in every MiniGPT-4 variant: no graph is kept for them
         # (unless a from-scratch config trains them, see train_vision / train_qformer).
         grad = torch.is_grad_enabled() and (self.cfg.train_vision or self.cfg.train_qformer)
@@ -313,13 +331,25 @@ class MiniGPT4(nn.Module):
             image_embeds = self.vision(pixel_values=pixel_values).last_hidden_state  # (B, 257, 1408)
             if self.qformer is not None:
                 query = self.query_tokens.expand(image_embeds.shape[0], -1, -1)  # (B, 32, 768)
-                feats = self.qformer(query_embeds=query, encoder_hidden_states=image_embeds).last_hidden_state
-            else:
-                patches = image_embeds[:, 1:, :]  # drop CLS: (B, 256, 1408)
-                b, n, d = patches.shape
-                feats = patches.reshape(b, n // self.cfg.patch_concat, d * self.cfg.patch_concat)  # (B, 64, 5632)
+                return self.qformer(query_embeds=query, encoder_hidden_states=image_embeds).last_hidden_state
+            patches = image_embeds[:, 1:, :]  # drop CLS: (B, 256, 1408)
+            b, n, d = patches.shape
+            return patches.reshape(b, n // self.cfg.patch_concat, d * self.cfg.patch_concat)  # (B, 64, 5632)
+
+    def project_image_features(self, feats: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) encoder output -> (B, N, H) LLM-space image tokens: llama_proj, under the vision
+        autocast. The one projection both the pixel path and cached features go through."""
         with self._autocast(DTYPES[self.cfg.vision_dtype]):
             return self.llama_proj(feats.to(self.llama_proj.weight.dtype))  # (B, N, H)
+
+    def check_image_features(self, image_feats: torch.Tensor) -> None:
+        """ValueError unless `image_feats` can stand in for pixels: the config must allow cached
+        features (`ModelConfig.check_cached_features`) and the shape must be (B, N, D) of this encoder."""
+        self.cfg.check_cached_features()
+        want = (self.cfg.num_query_tokens, self.cfg.proj_in_features)
+        if image_feats.ndim != 3 or tuple(image_feats.shape[1:]) != want:
+            raise ValueError(f"image_feats must be (batch, {want[0]}, {want[1]}) for model {self.cfg.name}, "
+                             f"got {tuple(image_feats.shape)} (features of another encoder?)")
 
     # -- language side ---------------------------------------------------------------------------
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -343,12 +373,20 @@ class MiniGPT4(nn.Module):
         return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, **_: Any):
+                pixel_values: torch.Tensor | None = None, image_feats: torch.Tensor | None = None, **_: Any):
         """Batch from prompts.collate_training -> transformers CausalLMOutput (loss over answer tokens only).
 
+        Images come as `pixel_values` (B, 3, S, S), or as `image_feats` (B, 32, 768): the frozen encoder's
+        output computed beforehand (`image_features`, the feature cache), which skips the ViT and Q-Former.
         Position ids run 0..L-1 (right padding), exactly as in the original implementation.
         """
-        image_embeds = self.encode_images(pixel_values) if pixel_values is not None else None
+        if image_feats is not None:
+            if pixel_values is not None:
+                raise ValueError("give pixel_values or image_feats, not both")
+            self.check_image_features(image_feats)
+            image_embeds = self.project_image_features(image_feats.to(self.device))
+        else:
+            image_embeds = self.encode_images(pixel_values) if pixel_values is not None else None
         inputs_embeds = self.splice(input_ids, image_embeds)
         with self._autocast(DTYPES[self.cfg.llm_dtype]):  # also the bitsandbytes compute dtype (weights.py)
             return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, use_cache=False)

@@ -157,18 +157,25 @@ def deepspeed_config(t: TrainConfig) -> dict:
     return cfg
 
 
-def flops_per_sample(cfg: ModelConfig, text_tokens: float, counts: dict | None = None) -> float:
+def flops_per_sample(cfg: ModelConfig, text_tokens: float, counts: dict | None = None,
+                     features: bool = False) -> float:
     """Rough training FLOPs per sample: frozen ViT + Q-Former forward (2N per token), LLM forward and
-    activation backward (4N per token: no weight gradients), plus 6N for what trains.
+    activation backward (4N per token: no weight gradients), plus 6N for what trains. `features`: the
+    sample brings cached encoder outputs (a `features` source), so the ViT and Q-Former do not run and
+    their FLOPs are not counted (MFU counts the work done, not the work saved).
     `counts`: `MiniGPT4.parameter_counts()` (built on the meta device when not given)."""
     counts = counts or _part_counts(cfg)
-    v = cfg.vision
-    patches = (v.get("image_size", 224) // v.get("patch_size", 14)) ** 2 + 1
     n_img = cfg.num_image_tokens
     llm_tokens = n_img + text_tokens
     trainable = counts["llama_proj"] * n_img
-    return (2 * counts["vision"] * patches + 2 * counts["qformer"] * n_img + 4 * counts["llm"] * llm_tokens
-            + 6 * trainable)
+    return (0.0 if features else encoder_flops(cfg, counts)) + 4 * counts["llm"] * llm_tokens + 6 * trainable
+
+
+def encoder_flops(cfg: ModelConfig, counts: dict) -> float:
+    """Forward FLOPs of the frozen ViT (every patch token + CLS) and Q-Former (its query tokens) per image."""
+    v = cfg.vision
+    patches = (v.get("image_size", 224) // v.get("patch_size", 14)) ** 2 + 1
+    return 2 * counts["vision"] * patches + 2 * counts["qformer"] * cfg.num_image_tokens
 
 
 def _part_counts(cfg: ModelConfig) -> dict:
@@ -369,13 +376,16 @@ def train_loop(config: dict) -> None:
             batch = next_batch()
             window["wait"] += time.perf_counter() - t_wait
             batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+            # a features source's batch brings the frozen encoder's output: the ViT and Q-Former do not run
+            image = "image_feats" if "image_feats" in batch else "pixel_values"
             out = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         labels=batch["labels"], pixel_values=batch["pixel_values"])
+                         labels=batch["labels"], **{image: batch[image]})
             engine.backward(out.loss)
             engine.step()
             # device-side sums: read back once per log line, not once per micro-step (each read syncs)
             tokens = batch["attention_mask"].sum()
             window["samples"] += batch["input_ids"].shape[0]
+            window["feature_samples"] += batch["input_ids"].shape[0] if image == "image_feats" else 0
             window["tokens"] = window["tokens"] + tokens
             window["text"] = window["text"] + tokens - (batch["input_ids"] == IMAGE_TOKEN_ID).sum()
             window["loss"] = window["loss"] + out.loss.detach()
@@ -394,8 +404,10 @@ def train_loop(config: dict) -> None:
         if step % t.log_every == 0 or last:
             dt = time.perf_counter() - window["t"]
             n = window["samples"]
-            # flops_per_sample is linear in the text length, so the window's mean length gives its total
-            flops = flops_per_sample(cfg, float(window["text"]) / n, counts) * n
+            # flops_per_sample is linear in the text length, so the window's mean length gives its total;
+            # samples from features sources ran no encoder
+            flops = (flops_per_sample(cfg, float(window["text"]) / n, counts) * n
+                     - encoder_flops(cfg, counts) * window["feature_samples"])
             metrics = {"step": step, "epoch": (step - 1) // t.iters_per_epoch,
                        "loss": float(window["loss"]) / window["n"], "lr": lr, "samples_per_s": n * world / dt,
                        "tokens_per_s": float(window["tokens"]) * world / dt,
@@ -462,7 +474,8 @@ def _say(line: str, progress: str | None = None) -> None:
 
 
 def _new_window() -> dict:
-    return {"samples": 0, "tokens": 0, "text": 0, "loss": 0.0, "n": 0, "wait": 0.0, "t": time.perf_counter()}
+    return {"samples": 0, "feature_samples": 0, "tokens": 0, "text": 0, "loss": 0.0, "n": 0, "wait": 0.0,
+            "t": time.perf_counter()}
 
 
 # -- the driver -----------------------------------------------------------------------------------
@@ -475,6 +488,7 @@ def run(job: JobConfig):
 
     t = job.train
     cfg = job.model_config()
+    check_feature_sources(job, cfg)
     task = "stage1" if t.stage == 1 else "stage2"
     process = dataclasses.replace(job.data.process, task=task, image_size=cfg.image_size,
                                   num_image_tokens=cfg.num_image_tokens, template=cfg.template,
@@ -513,6 +527,18 @@ def run(job: JobConfig):
             from .data.pipeline import remove_on_every_node
 
             remove_on_every_node(cache_dir)
+
+
+def check_feature_sources(job: JobConfig, cfg: ModelConfig) -> dict[str, dict]:
+    """On the driver, before any work: each `features` source must hold features of this job's encoder
+    (architecture, weights files, random init: `features.check_sources`), and the model must take them
+    (frozen Q-Former encoder). ValueError otherwise. Returns the sources' manifests by name."""
+    if not any(s.format == "features" for s in job.data.sources):
+        return {}
+    from .features import check_sources
+
+    return check_sources(job.data.sources, job.data.s3, cfg, job.weights, seed=job.train.seed,
+                         device="cuda" if job.train.use_gpu else "cpu", augment=job.data.process.augment)
 
 
 def _storage_path(path: str) -> str:
@@ -567,6 +593,10 @@ def prepare_job(job: JobConfig, stage: int) -> JobConfig:
     job.train.storage_path = _storage_path(job.train.storage_path)
     if job.data.errors and not job.data.errors.startswith("s3://"):
         job.data.errors = str(Path(job.data.errors).resolve())
+    for source in job.data.sources:
+        if source.format == "features" and not source.path.startswith("s3://"):
+            source.path = os.path.abspath(source.path)
+    check_feature_sources(job, job.model_config())
     return job
 
 

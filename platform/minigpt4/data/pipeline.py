@@ -3,9 +3,9 @@
     units (one lazy listing task)  ->  read + decode + preprocess + tokenize (parallel CPU tasks)  ->  rows
 
 `build_dataset` returns a lazy `ray.data.Dataset` of rows with columns `key`, `source`, `caption`,
-`pixel_values` (3 x S x S float32) and, for the training tasks, ragged `input_ids` / `labels` plus
-`prompt_len`. Ray Train splits it across workers (`get_dataset_shard`), which read it with
-`iter_torch_batches(collate_fn=TrainingCollator(pad_id))`.
+`pixel_values` (3 x S x S float32; a `features` source has `image_feats` (Q x D) instead) and, for the
+training tasks, ragged `input_ids` / `labels` plus `prompt_len`. Ray Train splits it across workers
+(`get_dataset_shard`), which read it with `iter_torch_batches(collate_fn=TrainingCollator(pad_id))`.
 
 Nothing is listed or read when the dataset is built: the units are enumerated inside a single
 zero-CPU read task that yields them one block each, so the listing streams into the processing tasks
@@ -157,6 +157,8 @@ class UnitCache:
         import os
 
         _check_cacheable(process)
+        if source.format == "features":
+            raise ValueError(f"source {source.name!r} holds features: already decoded, nothing to cache")
         self.root = root
         os.makedirs(root, exist_ok=True)
         ident = {"source": {k: v for k, v in asdict(source).items() if k != "ratio"},
@@ -301,7 +303,8 @@ def process_units(batch: dict, *, source: SourceConfig, process: ProcessConfig, 
 
 def _unit_rows(source: SourceConfig, unit: dict, stats: UnitStats, s3: uio.S3Options | None, processor: Processor,
                cache: UnitCache | None, epoch: int) -> Iterator[dict]:
-    if processor.cfg.augment != "resize":  # crops vary by epoch: decode and crop in one go
+    # features: nothing to decode; crops vary by epoch: decode and crop in one go
+    if source.format == "features" or processor.cfg.augment != "resize":
         yield from _each_sample(source, unit, stats, s3, processor, lambda raw: processor(raw, epoch))
         return
     for key, caption, pixels in _decoded_samples(source, unit, stats, s3, processor, cache):
@@ -309,8 +312,10 @@ def _unit_rows(source: SourceConfig, unit: dict, stats: UnitStats, s3: uio.S3Opt
 
 
 def _placeholder(process: ProcessConfig, source: SourceConfig, unit: dict, uhash: str, unit_epoch: int) -> dict:
-    row = {"key": "", "pixel_values": np.zeros((3, process.image_size, process.image_size), np.float32),
-           "caption": ""}
+    # the image column as real rows have it (blocks of one dataset share one schema)
+    image = ({"image_feats": np.zeros(unit["shape"], unit["dtype"])} if source.format == "features" else
+             {"pixel_values": np.zeros((3, process.image_size, process.image_size), np.float32)})
+    row = {"key": "", **image, "caption": ""}
     if process.needs_caption:
         row.update(input_ids=np.zeros(0, np.int64), labels=np.zeros(0, np.int64), prompt_len=0)
     return row | {"source": source.name, "unit": uhash, "unit_epoch": unit_epoch, "unit_index": unit["index"],
@@ -335,11 +340,14 @@ def build_dataset(source: SourceConfig, process: ProcessConfig, *, errors: str |
     markers: unit markers without a board (the caption job commits per unit); default: with a board.
     skip_units: `source_unit_hash`es the listing leaves out (units a resumed job already finished).
     cache_dir: node-local directory for the decoded-unit cache (`UnitCache`); None: read every epoch.
+        Ignored for a `features` source: its files are already decoded (one read, no image work).
     """
     import ray.data
 
     if epochs is None or epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if source.format == "features":
+        cache_dir = None
     if cache_dir:
         _check_cacheable(process)
 
@@ -462,7 +470,8 @@ def read_errors(errors: str, s3: uio.S3Options | None = None) -> list[dict]:
 # -- consumers ----------------------------------------------------------------------------------
 class TrainingCollator(NumpyBatchCollateFn):
     """`iter_torch_batches(collate_fn=TrainingCollator(pad_id))`: a numpy batch of rows -> tensors
-    (pixel_values, input_ids, labels, attention_mask) padded as the original pads, plus the keys."""
+    (pixel_values or, from a features source, image_feats; input_ids, labels, attention_mask) padded as
+    the original pads, plus the keys."""
 
     def __init__(self, pad_token_id: int, pad_to: int | None = None):
         self.pad_token_id, self.pad_to = pad_token_id, pad_to
@@ -484,8 +493,9 @@ class TrainingCollator(NumpyBatchCollateFn):
         samples = [{"input_ids": ids, "labels": lab, "prompt_len": int(p)}
                    for ids, lab, p in zip(batch["input_ids"], batch["labels"], batch["prompt_len"])]
         out = collate_training(samples, self.pad_token_id, self.pad_to)
-        pixels = batch["pixel_values"]  # read-only when it comes zero-copy from the object store
-        out["pixel_values"] = torch.from_numpy(pixels if pixels.flags.writeable else pixels.copy())
+        name = "image_feats" if "image_feats" in batch else "pixel_values"
+        images = batch[name]  # read-only when it comes zero-copy from the object store
+        out[name] = torch.from_numpy(images if images.flags.writeable else images.copy())
         out["keys"] = [str(k) for k in batch["key"]]
         if units is not None:
             out["units"] = units

@@ -9,6 +9,9 @@ a reason) and, for the training tasks, cleans and tokenizes the caption:
   (`###Human: <Img><ImageHere></Img> {instruction} ###Assistant: ` ... `###`);
 - `caption`: pixels only (the prompt is the generation engine's business).
 
+A sample of a `features` source (minigpt4.features) brings the frozen encoder's output instead of an
+image: its row holds `image_feats` in place of `pixel_values`; the caption half is processed the same.
+
 Randomness (crops, instruction choice) is drawn from `random.Random(f"{seed}:{epoch}:{key}")`, so a
 sample is processed the same way wherever and however often it is processed within an epoch.
 """
@@ -126,6 +129,9 @@ class Processor:
 
     def __call__(self, raw: RawSample, epoch: int = 0) -> dict:
         cfg = self.cfg
+        if raw.image_feats is not None:  # a features source: the image half was done by the feature job
+            rng = random.Random(f"{cfg.seed}:{epoch}:{raw.key}")
+            return self._row(raw.key, self._caption(raw), raw.image_feats, rng, image_column="image_feats")
         if cfg.augment == "random_resized_crop":  # the crop depends on the epoch: decode and crop here
             caption = self._caption(raw)
             img = self._load(raw)
@@ -166,9 +172,12 @@ class Processor:
         except images.ImageError as e:
             raise SampleError(e.reason, str(e)) from None
 
-    def _row(self, key: str, caption: str, pixels: np.ndarray, rng: random.Random) -> dict:
+    def _row(self, key: str, caption: str, pixels: np.ndarray, rng: random.Random,
+             image_column: str = "pixel_values") -> dict:
+        """The row: the image (`pixel_values`, or cached `image_feats`), the caption and, for the training
+        tasks, its tokens; only the image column differs between pixel and feature rows."""
         cfg = self.cfg
-        row = {"key": key, "pixel_values": pixels, "caption": caption}
+        row = {"key": key, image_column: pixels, "caption": caption}
         if cfg.task == "caption":
             return row
         prompt = None if cfg.task == "stage1" else prompts.stage2_prompt(cfg.template, rng)

@@ -6,6 +6,11 @@
 | `parquet`      | a prefix, a file, or a brace pattern                   | one file             | `key_column`, else `file:row` |
 | `cc_sbu_align` | the directory holding `filter_cap.json` and `image/`   | `unit_size` annotations | `image_id`       |
 | `images`       | a prefix of .jpg/.jpeg/.png/.webp objects              | `unit_size` objects  | the path below the prefix |
+| `features`     | the output prefix of the feature job (`_manifest.json`) | one `data/*.npz` file | the image's source key |
+
+A `features` source holds the frozen encoder's output per image instead of the image (minigpt4.features
+writes it): its samples carry `image_feats` (num_query_tokens x hidden) and no image bytes, and its
+units carry the manifest's feature shape and dtype.
 
 Units are enumerated lazily (`iter_units`): brace patterns are expanded one name at a time, prefixes are
 listed page by page and `filter_cap.json` is parsed one annotation at a time, so no process ever holds
@@ -22,11 +27,17 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy as np
+
 from . import io as uio
 
-FORMATS = ("webdataset", "parquet", "cc_sbu_align", "images")
+FORMATS = ("webdataset", "parquet", "cc_sbu_align", "images", "features")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 WDS_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# the feature job's output layout (minigpt4.features): what produced it, and one file per source unit
+# under data/ (the caption job's data directory: both jobs share their output machinery)
+FEATURES_MANIFEST, FEATURES_DATA = "_manifest.json", "data"
+FEATURES_KIND = "minigpt4-image-features"
 
 
 @dataclass
@@ -62,6 +73,7 @@ class RawSample:
     key: str
     image: bytes | None
     caption: str | None = None
+    image_feats: np.ndarray | None = None  # a features source: the encoder output in place of the image
 
 
 @dataclass
@@ -220,6 +232,11 @@ def _units(source: SourceConfig, s3: uio.S3Options | None) -> Iterator[dict]:
                 page = []
         if page:
             yield {"id": f"{prefix}@{page[0]}", "prefix": prefix, "uris": page}
+    elif source.format == "features":
+        manifest = read_features_manifest(source.path, s3)
+        shape, dtype = [manifest["num_query_tokens"], manifest["hidden_size"]], manifest["dtype"]
+        for uri in _files(uio.join(source.path, FEATURES_DATA) + "/", (".npz",), s3):
+            yield {"id": uri, "uri": uri, "shape": shape, "dtype": dtype}
     else:  # cc_sbu_align
         ann_uri = uio.join(source.path, source.annotations)
         page_ann: list[dict] = []
@@ -240,7 +257,7 @@ def read_unit(source: SourceConfig, unit: dict, stats: UnitStats, s3: uio.S3Opti
               need_caption: bool = True) -> Iterator[RawSample]:
     """The samples of one unit. Unreadable objects, truncated tars and bad rows go to `stats`."""
     readers = {"webdataset": _read_tar, "parquet": _read_parquet, "images": _read_images,
-               "cc_sbu_align": _read_align}
+               "cc_sbu_align": _read_align, "features": _read_features}
     yield from readers[source.format](source, unit, stats, s3, need_caption)
 
 
@@ -401,3 +418,70 @@ def _read_align(source, unit, stats, s3, need_caption) -> Iterator[RawSample]:
             stats.error(key, e.reason, str(e))
             continue
         yield RawSample(key, image, caption)
+
+
+# -- features (the feature job's output) --------------------------------------------------------
+def read_features_manifest(path: str, s3: uio.S3Options | None = None) -> dict:
+    """The `_manifest.json` of a feature job's output prefix: what produced the features (model, weights,
+    feature shape and dtype). ValueError when `path` holds none (not a feature job's output)."""
+    uri = uio.join(path, FEATURES_MANIFEST)
+    try:
+        manifest = json.loads(uio.read_bytes(uri, s3))
+    except uio.ObjectError as e:
+        raise ValueError(f"features source {path}: no readable {FEATURES_MANIFEST} ({e}); point it at the output "
+                         "of jobs/features.py") from None
+    except ValueError as e:
+        raise ValueError(f"features source {path}: {FEATURES_MANIFEST} is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != FEATURES_KIND:
+        raise ValueError(f"features source {path}: {FEATURES_MANIFEST} is not a feature job's manifest")
+    return manifest
+
+
+def features_file(feats: np.ndarray, meta: dict) -> bytes:
+    """One unit's feature file: `feats` (n, Q, D) and `meta` (JSON: `keys`, `captions`, ...) in an
+    uncompressed .npz (fp16 features barely compress), readable without pickle."""
+    buf = io.BytesIO()
+    np.savez(buf, feats=feats, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+    return buf.getvalue()
+
+
+def load_features_file(data: bytes) -> tuple[np.ndarray, dict]:
+    """One feature file -> (features (n, Q, D), meta with `keys` and `captions`); read without pickle.
+    ValueError when the file is damaged or inconsistent."""
+    import zipfile
+
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            feats, meta = z["feats"], json.loads(z["meta"].tobytes().decode())
+    except (OSError, KeyError, EOFError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        raise ValueError(f"unreadable feature file ({type(e).__name__}: {e})") from None
+    n = len(meta.get("keys", ()))
+    if feats.ndim != 3 or len(feats) != n or len(meta.get("captions", ())) != n:
+        raise ValueError(f"feature file holds features {feats.shape} for {n} keys and "
+                         f"{len(meta.get('captions', ()))} captions")
+    return feats, meta
+
+
+def _read_features(source, unit, stats, s3, need_caption) -> Iterator[RawSample]:
+    uri = unit["uri"]
+    try:
+        feats, meta = load_features_file(uio.read_bytes(uri, s3))
+    except uio.ObjectError as e:
+        stats.error(uri, e.reason, str(e))
+        return
+    except ValueError as e:
+        stats.error(uri, "bad_features", f"{uri}: {e}")
+        return
+    if list(feats.shape[1:]) != list(unit["shape"]) or str(feats.dtype) != unit["dtype"]:
+        stats.error(uri, "bad_features", f"{uri}: features {feats.dtype}{list(feats.shape[1:])}, the manifest says "
+                                         f"{unit['dtype']}{unit['shape']}")
+        return
+    for key, caption, x in zip(meta["keys"], meta["captions"], feats):
+        try:
+            caption = decode_caption(caption) if need_caption or caption is not None else None
+        except SampleError as e:
+            if need_caption:
+                stats.error(key, e.reason, str(e))
+                continue
+            caption = None
+        yield RawSample(key, None, caption, image_feats=x)
