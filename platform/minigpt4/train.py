@@ -553,9 +553,9 @@ def embedded_job(stage: int, embedded, storage_path: str = "outputs/embedded") -
     the fastest layout on a small box (no gradient all-reduce). Stage 1 runs LAVIS's schedule over 3
     epochs of 800 steps: 1e-3 after warm-up, then 7.75e-4, then 3.25e-4. Shapes are the slow part:
     at a constant 1e-3 the from-scratch ViT sat near 75% until ~2,500 steps and then swung between
-    86% and 94% (eager replica); the two lower steps settle it (92-95% from step 1,750 on in the
-    replica). A cosine decay from the first epoch stalled it near 75%. Decoded units stay in the unit
-    cache (the 8,000 scenes are read 19 times). `make demo` measures held-out accuracy and time.
+    86% and 94% (eager replica); the lower steps settle it (replica: 92-95% from step 1,750, 98% at
+    2,250 with 3 x 1,000). A cosine decay from the first epoch stalled it near 75%. Decoded units
+    stay in the unit cache. `make demo` measures held-out accuracy and time.
     Stage 2's .pth holds the projection and the LLM only: the encoder comes from stage 1's .pth."""
     # stage 1 trains every part; stage 2 keeps the encoder stage 1 taught to see (frozen, as MiniGPT-4
     # keeps its pretrained one) and teaches the LLM the chat template and the long descriptions
@@ -573,16 +573,19 @@ def embedded_job(stage: int, embedded, storage_path: str = "outputs/embedded") -
     train.update(num_workers=1, cpus_per_worker=1, torch_threads=min(os.cpu_count() or 1, 8), precision="fp32",
                  zero_stage=2, weight_decay=0.0, clip_grad=1.0, log_every=50, storage_path=storage_path,
                  shuffle_buffer=256)
-    # As many epochs per Ray Data execution as keep it under ~600 units (stage 1: the 19.2 passes over
-    # 25 shards in one; stage 2: 6 over 16 units in one). One execution per epoch stalled training
-    # ~10 s at each start on 2 cores; with 2,400 units listed up front, Ray Data's split coordinator
-    # took half a core: 230 samples/s against 480 with 625 units per execution
-    # (`jobs/pretrain.py train.iters_per_epoch=450 train.epochs=1 data.epochs_per_pass=20` vs `=5`,
-    # with the earlier 125 shards of 64).
+    # As many epochs per Ray Data execution as keep it to ~640 units (stage 1: 5 of the 19.2 passes
+    # over 125 shards per execution; stage 2: its 6 passes over 16 units in one). One execution per
+    # epoch stalled training ~10 s at each start on 2 cores; with 2,400 units listed up front, Ray
+    # Data's split coordinator took half a core: 230 samples/s against 480 with 625 units
+    # (`jobs/pretrain.py train.iters_per_epoch=450 train.epochs=1 data.epochs_per_pass=20` vs `=5`).
+    # Each execution still produces its 40,000 rows as fast as it can, and training crawls at ~190
+    # samples/s for the ~150 steps that takes; capping Ray Data's object-store share (ExecutionOptions
+    # resource_limits, 128 MiB) throttled production but kept the split coordinator polling at half a
+    # core, and training no faster.
     samples = embedded.summary["counts"]["pretrain" if stage == 1 else "align"]
     units = embedded.train_shards if stage == 1 else math.ceil(samples / source["unit_size"])
     needed = math.ceil(train["epochs"] * train["iters_per_epoch"] * train["batch_size"] / samples)
-    per_pass = max(1, min(needed, 600 // max(units, 1)))
+    per_pass = max(1, min(needed, 640 // max(units, 1)))
     return {"model": model, "weights": weights, "train": train,
             "data": {"sources": [source], "cache": True, "epochs_per_pass": per_pass,
                      "errors": f"{storage_path}/{'pretrain' if stage == 1 else 'finetune'}/data_errors"}}
