@@ -376,17 +376,27 @@ def _read_parquet(source, unit, stats, s3, need_caption) -> Iterator[RawSample]:
                 if image is not None and not isinstance(image, bytes):
                     stats.error(key, "bad_row", f"image column holds {type(image).__name__}, not bytes")
                     continue
-                try:
-                    caption = cols[source.caption_column][i] if source.caption_column in cols else None
-                    caption = decode_caption(caption) if need_caption or caption is not None else None
-                except SampleError as e:
-                    if need_caption:
-                        stats.error(key, e.reason, str(e))
-                        continue
-                    caption = None
-                yield RawSample(key, image or b"", caption)
+                caption = _column_caption(key, cols[source.caption_column][i] if source.caption_column in cols
+                                          else None, stats, need_caption)
+                if caption is not _SKIP:
+                    yield RawSample(key, image or b"", caption)
     except Exception as e:
         stats.error(f"{base}:{row}", "unreadable_parquet", f"{uri}: {type(e).__name__}: {e}")
+
+
+_SKIP = object()  # _column_caption: the sample is skipped (its error recorded)
+
+
+def _column_caption(key: str, value, stats: "UnitStats", need_caption: bool):
+    """A caption stored beside the sample (a parquet column, a feature file): decoded; when it is bad, the
+    sample is skipped and recorded (`_SKIP`) if the task needs captions, else it goes on without one."""
+    try:
+        return decode_caption(value) if need_caption or value is not None else None
+    except SampleError as e:
+        if need_caption:
+            stats.error(key, e.reason, str(e))
+            return _SKIP
+        return None
 
 
 def _read_images(source, unit, stats, s3, need_caption) -> Iterator[RawSample]:
@@ -477,11 +487,6 @@ def _read_features(source, unit, stats, s3, need_caption) -> Iterator[RawSample]
                                          f"{unit['dtype']}{unit['shape']}")
         return
     for key, caption, x in zip(meta["keys"], meta["captions"], feats):
-        try:
-            caption = decode_caption(caption) if need_caption or caption is not None else None
-        except SampleError as e:
-            if need_caption:
-                stats.error(key, e.reason, str(e))
-                continue
-            caption = None
-        yield RawSample(key, None, caption, image_feats=x)
+        caption = _column_caption(key, caption, stats, need_caption)
+        if caption is not _SKIP:
+            yield RawSample(key, None, caption, image_feats=x)
