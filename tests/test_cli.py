@@ -70,7 +70,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     text = out.stdout
     for needle in ("stage 1: 512 captions, stage 2: 512 descriptions, held out: 100", "[demo]   before training",
-                   "[demo] stage 1: 12 steps x 64 samples on Ray Train + DeepSpeed", "  [train] step 12",
+                   "[demo] stage 1: 12 steps x 128 samples on Ray Train + DeepSpeed", "  [train] step 12",
                    "[demo]   after stage 1", "[demo]   after stage 2", "training + evaluation took",
                    "data: 512 samples delivered, 0 skipped", "[demo] chat about held-out image h000000", "[demo] done"):
         assert needle in text, needle

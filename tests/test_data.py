@@ -587,6 +587,30 @@ def test_unit_cache_serves_later_epochs_with_identical_rows(ray_cluster, tmp_pat
     assert again_report.delivered == plain_report.delivered == 11
 
 
+def test_cached_unit_comes_in_a_new_order_each_epoch(tmp_path, tiny_tokenizer):
+    """A unit larger than the consumer's shuffle buffer would put the same samples in the same
+    batches every epoch: loaded whole from the cache, it is permuted per epoch (seeded)."""
+    from minigpt4.data.pipeline import process_units
+    from minigpt4.data.sources import iter_units
+
+    (tmp_path / "00000.tar").write_bytes(make_tar([good(f"a{i:02d}", i) for i in range(12)]))
+    source = SourceConfig(str(tmp_path / "00000.tar"), name="w")
+    (unit,) = iter_units(source)
+
+    def keys(epoch: int, seed) -> list[str]:
+        u = json.dumps({**unit, "epoch": epoch, "index": 0, "last": True})
+        blocks = process_units({"unit": [u]}, source=source, process=ProcessConfig(task="stage1", **TINY),
+                               errors=None, s3=None, epoch=epoch, rows_per_block=5,
+                               cache_dir=str(tmp_path / "cache"), rows_seed=seed)
+        return [str(k) for b in blocks for k in b["key"]]
+
+    first = keys(0, 7)  # read from the source, kept in the cache: file order
+    assert first == [f"a{i:02d}" for i in range(12)]
+    e1, e2 = keys(1, 7), keys(2, 7)
+    assert sorted(e1) == sorted(e2) == first and e1 != first and e2 != e1
+    assert keys(1, 7) == e1 and keys(1, None) == first  # reproducible; no seed keeps file order
+
+
 def test_unit_cache_skips_transient_failures_and_refuses_random_crops(tmp_path):
     from minigpt4.data.pipeline import UnitCache
 

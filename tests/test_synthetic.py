@@ -44,6 +44,22 @@ def test_same_seed_gives_identical_bytes_and_another_seed_differs(dataset, tmp_p
     assert other["heldout/annotations.json"] != first["heldout/annotations.json"]
 
 
+def test_shard_layout_regroups_the_same_stage1_scenes(tmp_path):
+    def captions(root: Path) -> list[str]:
+        out = []
+        for tar_path in sorted((root / "pretrain").glob("*.tar")):
+            with tarfile.open(tar_path) as tar:
+                out += [tar.extractfile(m).read().decode() for m in sorted(tar.getmembers(), key=lambda m: m.name)
+                        if m.name.endswith(".txt")]
+        return out
+
+    one = dict(TINY, align_samples=0, heldout_samples=0)
+    write_dataset(str(tmp_path / "a"), seed=0, **dict(one, train_shards=3, samples_per_shard=64))
+    write_dataset(str(tmp_path / "b"), seed=0, **dict(one, train_shards=1, samples_per_shard=192))
+    a, b = captions(tmp_path / "a"), captions(tmp_path / "b")
+    assert len(a) == 192 and a == b and len(set(a)) > 20
+
+
 def test_manifest_lists_every_file(dataset):
     manifest = json.loads((dataset / "manifest.json").read_text())
     assert sorted(manifest["files"]) == sorted(set(_files(dataset)) - {"manifest.json"})

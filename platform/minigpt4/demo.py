@@ -105,7 +105,7 @@ def run_demo(args) -> int:
     out_dir = Path(args.output).resolve()
     if out_dir.exists():  # the demo's own scratch space: a rerun trains from scratch, not resumes
         shutil.rmtree(out_dir)
-    sizes = {"train_shards": 8, "align_samples": 512} if args.quick else {}
+    sizes = {"train_shards": 8, "samples_per_shard": 64, "align_samples": 512} if args.quick else {}
     embedded = start_embedded(progress=False, **sizes)
     counts = embedded.summary["counts"]
     print(f"[demo] local S3 server {embedded.server.endpoint}: synthetic scenes in {embedded.root} "

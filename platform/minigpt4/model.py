@@ -173,12 +173,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 # The embedded default (`make demo`, the jobs with no arguments): tiny, with a ViT (width 64, 8 px
 # patches: 16 + CLS tokens at 32 px) and a Q-Former (cross-attention in every layer) just big enough
 # to learn the synthetic scenes from random init in minutes on 2 CPU cores; the LLM and tokenizer are
-# tiny's. 4 px patches learn shapes in about as many steps but cost twice as much per step.
+# tiny's. 4 px patches learn shapes in about as many steps but cost twice as much per step. No dropout
+# in the Q-Former (BERT's default is 0.1): trained from scratch at this size, dropout only slowed it
+# (eager replica of stage 1, seeds 42/1: 98%/86% held-out at step 2,400 with it, 96%/99% without).
 PRESETS["tiny_demo"] = dict(
     PRESETS["tiny"],
     vision=dict(PRESETS["tiny"]["vision"], hidden_size=64, intermediate_size=128, patch_size=8),
     qformer=dict(PRESETS["tiny"]["qformer"], hidden_size=64, intermediate_size=128, cross_attention_frequency=1,
-                 encoder_hidden_size=64),
+                 encoder_hidden_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
 )
 PRESETS |= {
     "vicuna7b": dict(vision=EVA_VIT_G, qformer=QFORMER_BASE, llm=LLAMA_7B),

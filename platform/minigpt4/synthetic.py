@@ -199,6 +199,8 @@ def write_dataset(out: str, *, seed: int = 0, train_shards: int = 4, samples_per
 
     Every sample draws from its own RNG, seeded from (seed, split, index), so a seed always gives
     byte-identical files, and changing one split's size leaves the other splits' samples as they were.
+    Stage-1 scenes are numbered across the tar shards, so the shard layout only regroups them: 25
+    shards of 320 hold the same 8,000 scenes as 125 shards of 64 (under other keys).
     Held-out scenes are redrawn if they equal any training scene. Returns a summary: out, counts,
     files and bytes written.
     """
@@ -233,8 +235,9 @@ def write_dataset(out: str, *, seed: int = 0, train_shards: int = 4, samples_per
     for shard in range(train_shards):
         members, rows = [], {"key": [], "caption": [], "status": [], "width": [], "height": []}
         for i in range(samples_per_shard):
-            key = f"{shard:05d}{i:04d}"
-            scene = _draw(random.Random(f"{seed}:pretrain:{key}"), shapes)
+            key, n = f"{shard:05d}{i:04d}", shard * samples_per_shard + i
+            # the seed names scene n as the key it has in shards of 64 (the layout the seeds began with)
+            scene = _draw(random.Random(f"{seed}:pretrain:{n // 64:05d}{n % 64:04d}"), shapes)
             seen.add(scene)
             caption = scene.caption()
             meta = {"key": key, "caption": caption, "status": "success", "width": image_size, "height": image_size,

@@ -227,13 +227,20 @@ def remove_on_every_node(path: str, timeout: float = 60.0) -> None:
 
 
 def _decoded_samples(source: SourceConfig, unit: dict, stats: UnitStats, s3: uio.S3Options | None,
-                     processor: Processor, cache: UnitCache | None) -> Iterator[tuple[str, str, np.ndarray]]:
+                     processor: Processor, cache: UnitCache | None,
+                     order: str | None = None) -> Iterator[tuple[str, str, np.ndarray]]:
     """The unit's samples after `Processor.decode`, from the cache when it has them (its errors then
-    go to `stats` as recorded), else from the source (kept in the cache when there is one)."""
+    go to `stats` as recorded), else from the source (kept in the cache when there is one).
+
+    order: a seed for the order of a cached unit's samples. A unit read from the source streams in
+    file order; one loaded whole from the cache is permuted, so that units larger than the consumer's
+    shuffle buffer do not put the same samples in the same batches every epoch."""
     cached = cache.load(unit) if cache else None
     if cached is not None:
         samples, errors = cached
         stats.errors.extend(errors)
+        if order is not None:
+            random.Random(order).shuffle(samples)
         yield from samples
         return
     kept: list = []
@@ -257,10 +264,11 @@ def _each_sample(source: SourceConfig, unit: dict, stats: UnitStats, s3: uio.S3O
 
 def process_units(batch: dict, *, source: SourceConfig, process: ProcessConfig, errors: str | None,
                   s3: uio.S3Options | None, epoch: int, rows_per_block: int, markers: bool = False,
-                  cache_dir: str | None = None) -> Iterator[dict]:
+                  cache_dir: str | None = None, rows_seed: int | str | None = None) -> Iterator[dict]:
     """Ray Data UDF: each input row is a unit; yields blocks of processed rows as they fill.
 
     cache_dir: keep decoded units there and read them back in later epochs (`UnitCache`).
+    rows_seed: permute each cached unit's samples, per epoch, from this seed (`_decoded_samples`).
 
     markers: add the unit's position to every row (`unit` = its `source_unit_hash`, `unit_epoch`,
     `unit_index`, `unit_row` = the row's ordinal in the unit; on its last row `unit_rows` = rows
@@ -276,7 +284,7 @@ def process_units(batch: dict, *, source: SourceConfig, process: ProcessConfig, 
         stats = UnitStats(source.name, unit["id"])
         uhash = source_unit_hash(source.name, unit["id"])
         rows: list[dict] = []
-        for row in _unit_rows(source, unit, stats, s3, processor, cache, unit_epoch):
+        for row in _unit_rows(source, unit, stats, s3, processor, cache, unit_epoch, rows_seed):
             row["source"] = source.name
             if markers:
                 row.update(unit=uhash, unit_epoch=unit_epoch, unit_index=unit["index"], unit_row=stats.delivered,
@@ -302,12 +310,13 @@ def process_units(batch: dict, *, source: SourceConfig, process: ProcessConfig, 
 
 
 def _unit_rows(source: SourceConfig, unit: dict, stats: UnitStats, s3: uio.S3Options | None, processor: Processor,
-               cache: UnitCache | None, epoch: int) -> Iterator[dict]:
+               cache: UnitCache | None, epoch: int, rows_seed: int | str | None = None) -> Iterator[dict]:
     # features: nothing to decode; crops vary by epoch: decode and crop in one go
     if source.format == "features" or processor.cfg.augment != "resize":
         yield from _each_sample(source, unit, stats, s3, processor, lambda raw: processor(raw, epoch))
         return
-    for key, caption, pixels in _decoded_samples(source, unit, stats, s3, processor, cache):
+    order = None if rows_seed is None else f"{rows_seed}.{epoch}:{unit['id']}"
+    for key, caption, pixels in _decoded_samples(source, unit, stats, s3, processor, cache, order):
         yield processor.finish(key, caption, pixels, epoch)
 
 
@@ -330,8 +339,9 @@ def build_dataset(source: SourceConfig, process: ProcessConfig, *, errors: str |
     """The lazy Ray Dataset of processed rows of one source (see the module docstring).
 
     errors: where skipped samples are written (local dir or s3:// prefix); None only logs them.
-    shuffle_seed: shuffle unit order (windows of 1,000; a different order each epoch) — sample-level
-        shuffling is the consumer's `local_shuffle_buffer_size`.
+    shuffle_seed: shuffle unit order (windows of 1,000; a different order each epoch), and the
+        samples of a unit served from the cache (a different order each epoch) — otherwise
+        sample-level shuffling is the consumer's `local_shuffle_buffer_size`.
     epoch, epochs: the first epoch and how many one execution lists (training: one per execution,
         so each epoch starts where the board says). The epoch varies unit order, crops and
         instruction choices, reproducibly. Finite: Ray hands the listing's blocks on when it ends.
@@ -357,7 +367,8 @@ def build_dataset(source: SourceConfig, process: ProcessConfig, *, errors: str |
     # Ray coalesces the read task's small blocks: re-split (streaming) so each unit is its own task
     listing = listing.repartition(target_num_rows_per_block=1)
     kwargs = dict(source=source, process=process, errors=errors, s3=s3, epoch=epoch, rows_per_block=rows_per_block,
-                  markers=board is not None if markers is None else markers, cache_dir=cache_dir)
+                  markers=board is not None if markers is None else markers, cache_dir=cache_dir,
+                  rows_seed=shuffle_seed)
     return listing.map_batches(process_units, batch_size=1, fn_kwargs=kwargs, num_cpus=num_cpus,
                                concurrency=concurrency)
 
