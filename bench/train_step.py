@@ -13,6 +13,10 @@ Rows of the table:
   worker, synthetic shards at the model's image size served by a local S3 server, streamed through
   the Ray Data pipeline, ZeRO-2, checkpoint at the end. Its samples/s is the median of the job's own
   log windows after the first (which includes start-up).
+- `naive eager loop, captions of 4-32 tokens` / `..., length-bucketed (x8)`: the naive loop on
+  captions of random length (uniform, `--caption-tokens`), each batch padded to its longest caption as
+  MiniGPT-4 pads; then the same captions sorted in reads of 8 batches and cut into batches, as
+  `train.length_buckets: 8` forms them. Compared with each other; both report the padded share.
 - `..., cached features`: the same two paths fed the frozen-feature cache instead of pixels (the ViT
   and Q-Former do not run): the naive loop gets one random (B, 32, 768) float16 batch; the job reads
   a `features` source that the feature job (`minigpt4.features.run`, one encoder actor) wrote from
@@ -35,8 +39,29 @@ from pathlib import Path
 from _common import machine, write_results  # bench/ is the script's directory, first on sys.path
 
 
+def caption_lengths(n: int, lo: int, hi: int, seed: int = 0) -> list[int]:
+    """`n` caption lengths in tokens, uniform in [lo, hi] (stage 1 truncates answers at max_txt_len 32)."""
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randint(lo, hi) for _ in range(n)]
+
+
+def length_batches(lengths: list[int], batch_size: int, buckets: int) -> list[list[int]]:
+    """The caption lengths of each batch, as the job forms them: in arrival order (buckets 1), or sorted
+    in reads of `buckets` batches and cut into batches (train.length_buckets, TrainingCollator)."""
+    out = []
+    read = batch_size * buckets
+    for i in range(0, len(lengths) - read + 1, read):
+        chunk = lengths[i:i + read] if buckets == 1 else sorted(lengths[i:i + read])
+        out += [chunk[j:j + batch_size] for j in range(0, read, batch_size)]
+    return out
+
+
 def naive_loop(cfg, batch_size: int, text_tokens: int, steps: int, warmup: int, device,
-               features: bool = False) -> dict:
+               features: bool = False, lengths: list[list[int]] | None = None) -> dict:
+    """lengths: the caption lengths of each step's batch (padded to its longest, labels on the real
+    tokens only); None: every caption `text_tokens` long, no padding. Batches are built before timing."""
     import torch
 
     from minigpt4.model import IMAGE_TOKEN_ID, build_model
@@ -48,42 +73,54 @@ def naive_loop(cfg, batch_size: int, text_tokens: int, steps: int, warmup: int, 
     model.train()
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
     n_img = cfg.num_image_tokens
-    ids = torch.randint(3, 500, (batch_size, 1 + n_img + text_tokens), device=device)
-    ids[:, 0] = 1
-    ids[:, 1:1 + n_img] = IMAGE_TOKEN_ID
-    labels = ids.clone()
-    labels[:, :1 + n_img] = -100
     if features:  # what a features source delivers: the Q-Former's output, stored as float16
         image = {"image_feats": torch.randn(batch_size, cfg.num_query_tokens, cfg.proj_in_features, device=device,
                                             dtype=torch.float16)}
     else:
         image = {"pixel_values": torch.randn(batch_size, 3, cfg.image_size, cfg.image_size, device=device)}
-    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, **image)
+
+    def make_batch(caption_lengths: list[int]) -> dict:
+        longest = max(caption_lengths)
+        ids = torch.randint(3, 500, (batch_size, 1 + n_img + longest), device=device)
+        ids[:, 0] = 1
+        ids[:, 1:1 + n_img] = IMAGE_TOKEN_ID
+        mask = torch.ones_like(ids)
+        for row, n in enumerate(caption_lengths):
+            mask[row, 1 + n_img + n:] = 0
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, :1 + n_img] = -100
+        return dict(input_ids=ids, attention_mask=mask, labels=labels, **image)
+
+    plan = lengths or [[text_tokens] * batch_size]
+    batches = [make_batch(plan[i % len(plan)]) for i in range(min(len(plan), warmup + steps))]
     use_cuda = device.type == "cuda"
 
-    def step():
+    def step(i: int):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_cuda):
-            loss = model(**batch).loss
+            loss = model(**batches[i % len(batches)]).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        step()
+    for i in range(warmup):
+        step(i)
     if use_cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    for _ in range(steps):
-        step()
+    for i in range(warmup, warmup + steps):
+        step(i)
     if use_cuda:
         torch.cuda.synchronize()
     dt = time.perf_counter() - t
     mem = torch.cuda.max_memory_allocated() / 2**30 if use_cuda else None
-    del model, opt
+    timed = [batches[i % len(batches)] for i in range(warmup, warmup + steps)]
+    padding = 1 - sum(int(b["attention_mask"].sum()) for b in timed) / sum(b["attention_mask"].numel() for b in timed)
+    del model, opt, batches, timed
     if use_cuda:
         torch.cuda.empty_cache()
-    return {"samples_per_s": steps * batch_size / dt, "step_ms": 1000 * dt / steps, "gpu_mem_gb": mem}
+    return {"samples_per_s": steps * batch_size / dt, "step_ms": 1000 * dt / steps, "gpu_mem_gb": mem,
+            "padding": padding}
 
 
 def ray_jobs(preset: str, batch_size: int, steps: int, use_gpu: bool, image_size: int,
@@ -158,28 +195,44 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=30 if gpu else 20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--text-tokens", type=int, default=24, help="caption tokens per sample (LAION/CC: ~20-30)")
+    ap.add_argument("--caption-tokens", type=int, nargs=2, default=(4, 32), metavar=("MIN", "MAX"),
+                    help="caption lengths (uniform) of the padded and the length-bucketed rows")
+    ap.add_argument("--buckets", type=int, default=8, help="batches per sorted read (train.length_buckets)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
 
     cfg, device, name = machine(args.preset)
     print(f"[bench] stage-1 step: preset {args.preset}, batch {args.batch_size}, {args.steps} steps, {name}", flush=True)
     rows = {}
-    for label, features in (("naive eager loop", False), ("naive eager loop, cached features", True)):
-        rows[label] = naive_loop(cfg, args.batch_size, args.text_tokens, args.steps, args.warmup, device, features)
+    lo, hi = args.caption_tokens
+    lengths = caption_lengths(args.batch_size * args.buckets * -(-(args.warmup + args.steps) // args.buckets), lo, hi)
+    padded_label = f"naive eager loop, captions of {lo}-{hi} tokens"
+    bucketed_label = f"{padded_label}, length-bucketed (x{args.buckets})"
+    for label, features, plan in (
+            ("naive eager loop", False, None), ("naive eager loop, cached features", True, None),
+            (padded_label, False, length_batches(lengths, args.batch_size, 1)),
+            (bucketed_label, False, length_batches(lengths, args.batch_size, args.buckets))):
+        rows[label] = naive_loop(cfg, args.batch_size, args.text_tokens, args.steps, args.warmup, device, features,
+                                 plan)
         print(f"[bench] {label}: {rows[label]['samples_per_s']:.1f} samples/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         jobs, features = ray_jobs(args.preset, args.batch_size, args.steps, gpu, cfg.image_size, Path(tmp))
-    # the table's order: each job next to its naive loop
+    # the table's order: each job next to its naive loop; the variable-length pair last
     rows = {k: rows.get(k) or jobs[k] for k in ("naive eager loop", "Ray Train + DeepSpeed job",
                                                  "naive eager loop, cached features",
-                                                 "Ray Train + DeepSpeed job, cached features")}
+                                                 "Ray Train + DeepSpeed job, cached features",
+                                                 padded_label, bucketed_label)}
     base = rows["naive eager loop"]["samples_per_s"]
     lines = [f"Stage-1 step, preset `{args.preset}`, batch {args.batch_size}/worker, {name}", "",
-             "| path | samples/s per worker | vs naive | data wait | peak GPU mem (GB) |", "|---|---|---|---|---|"]
+             "| path | samples/s per worker | vs naive | padded positions | data wait | peak GPU mem (GB) |",
+             "|---|---|---|---|---|---|"]
     for label, r in rows.items():
         mem = f"{r['gpu_mem_gb']:.1f}" if r.get("gpu_mem_gb") else "-"
         wait = f"{100 * r['data_wait']:.0f}%" if "data_wait" in r else "-"
-        lines.append(f"| {label} | {r['samples_per_s']:.1f} | {r['samples_per_s'] / base:.2f}x | {wait} | {mem} |")
+        pad = f"{100 * r['padding']:.0f}%" if r.get("padding") is not None else "-"
+        vs = (f"{r['samples_per_s'] / rows[padded_label]['samples_per_s']:.2f}x vs padded" if label == bucketed_label
+              else f"{r['samples_per_s'] / base:.2f}x")
+        lines.append(f"| {label} | {r['samples_per_s']:.1f} | {vs} | {pad} | {wait} | {mem} |")
     lines += ["", f"Feature job (once, before the cached-features job): {features['images_encoded']:,} images in "
               f"{features['wall_seconds']:.1f}s, {features['images_per_second']:.1f} images/s on one encoder actor, "
               f"{features['bytes_per_image'] / 1024:.1f} KB per image ({features['feature_shape'][0]} x "

@@ -512,6 +512,46 @@ def test_collator_reports_units_and_drops_placeholders(tiny_tokenizer):
     assert TrainingCollator(0)(only) == {"units": [(0, 5, 0, False)], "empty": True}
 
 
+def test_length_bucketing_cuts_sorted_full_batches_with_less_padding_and_every_marker(tiny_tokenizer):
+    """train.length_buckets: a read of 4 batches' worth of rows comes back as full batches of rows of
+    similar length; every row trains at most once, the rows past the last full batch (and a placeholder)
+    are still reported to the position tracker, and padding falls against batching rows as they come."""
+    rng = np.random.default_rng(0)
+    n, lengths = 35, rng.integers(3, 40, size=35)  # 35 real rows: 4 batches of 8 and 3 left over
+    ids = np.empty(n + 1, dtype=object)
+    ids[:] = [np.arange(1, k + 1) for k in lengths] + [np.zeros(0, np.int64)]
+    batch = {"key": np.array([f"k{i:02d}" for i in range(n)] + [""]), "input_ids": ids, "labels": ids.copy(),
+             "pixel_values": np.arange(n + 1, dtype=np.float32)[:, None, None, None] * np.ones((1, 3, 2, 2), np.float32),
+             "prompt_len": np.ones(n + 1, np.int64), "unit_epoch": np.zeros(n + 1, np.int64),
+             "unit_index": np.arange(n + 1) // 9, "unit_rows": np.array([-1] * n + [0]), "unit_last": np.zeros(n + 1, bool)}
+    out = TrainingCollator(tiny_tokenizer.pad_token_id, batch_size=8, seed=3)(batch)
+    parts = out["parts"]
+    assert [len(p["keys"]) for p in parts] == [8, 8, 8, 8]
+    trained = [k for p in parts for k in p["keys"]]
+    assert len(set(trained)) == 32 and "" not in trained
+    # the 32 shortest rows, 8 of similar length per batch; pixels travel with their keys
+    assert set(trained) == {f"k{i:02d}" for i in np.argsort(lengths, kind="stable")[:32]}
+    for p in parts:
+        assert [float(x) for x in p["pixel_values"][:, 0, 0, 0]] == [float(k[1:]) for k in p["keys"]]
+        assert p["input_ids"].shape[1] == max(lengths[int(k[1:])] for k in p["keys"])
+    # every row's marker reaches the tracker once: 35 real rows and the placeholder
+    markers = [u for p in parts for u in p.get("units", [])]
+    assert len(markers) == 36 and sorted(markers) == sorted(
+        zip(batch["unit_epoch"].tolist(), batch["unit_index"].tolist(), batch["unit_rows"].tolist(),
+            batch["unit_last"].tolist()))
+    # batches come in a seeded random order, not shortest first
+    order = [p["input_ids"].shape[1] for p in parts]
+    assert order != sorted(order)
+    assert [p["keys"] for p in TrainingCollator(0, batch_size=8, seed=3)(batch)["parts"]] == [p["keys"] for p in parts]
+    # padded positions against the same rows in the order they came, 8 at a time
+    padded = sum(p["attention_mask"].numel() - int(p["attention_mask"].sum()) for p in parts)
+    plain = sum(8 * int(lengths[i:i + 8].max()) - int(lengths[i:i + 8].sum()) for i in range(0, 32, 8))
+    assert padded < plain / 3
+    # a read too short for one batch trains nothing but reports its rows
+    short = {k: v[:5] for k, v in batch.items()}
+    assert TrainingCollator(0, batch_size=8)(short) == {"parts": [{"units": [(0, 0, -1, False)] * 5, "empty": True}]}
+
+
 def test_stream_starts_at_the_position_posted_on_the_board(ray_cluster, tmp_path, tiny_tokenizer):
     import ray
 

@@ -110,12 +110,14 @@ def test_two_worker_zero2_run_checkpoints_resumes_and_survives_a_killed_worker(s
     progress = (tmp_path / "b" / "pretrain" / "progress.log").read_text()
     assert "resumed from step 4" in progress and "data continues: syn at epoch 0 unit" in progress
 
-    # 3. rerunning the finished job with a longer schedule continues from step 12, not from 0
-    longer = run(_job(synthetic_shards, tmp_path / "a", epochs=3))
+    # 3. rerunning the finished job with a longer schedule continues from step 12, not from 0 (with
+    # length bucketing on: reads of 2 batches cut into batches by length, markers still counted)
+    longer = run(_job(synthetic_shards, tmp_path / "a", epochs=3, length_buckets=2))
     state_c, weights_c, _ = _ckpt_state(longer)
     assert state_c["step"] == 18
     after = [h for h in state_c["history"] if h["step"] > 12]
-    assert [h["step"] for h in after] == [14, 16, 18]
+    assert [h["step"] for h in after] == [14, 16, 18] and all(0 <= h["padding"] < 1 for h in after)
+    assert state_c["data_position"]["syn"]["low"] == [3, 0]  # epoch 2 read whole, in 3 reads of 16 rows
     assert after[0]["lr"] == pytest.approx(lr_at(13, _job(synthetic_shards, tmp_path, epochs=3).train))
     assert not torch.equal(weights_c["llama_proj.weight"], weights["llama_proj.weight"])
 
@@ -183,8 +185,13 @@ def test_train_step_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     report = json.loads((tmp_path / "train_step.json").read_text())
     assert report["preset"] == "tiny" and list(report["rows"]) == [
         "naive eager loop", "Ray Train + DeepSpeed job", "naive eager loop, cached features",
-        "Ray Train + DeepSpeed job, cached features"]
+        "Ray Train + DeepSpeed job, cached features", "naive eager loop, captions of 4-32 tokens",
+        "naive eager loop, captions of 4-32 tokens, length-bucketed (x8)"]
     assert all(r["samples_per_s"] > 0 for r in report["rows"].values())
+    rows = report["rows"]  # bucketing pads far fewer positions than batches as they come
+    assert rows["naive eager loop"]["padding"] == 0
+    assert rows["naive eager loop, captions of 4-32 tokens, length-bucketed (x8)"]["padding"] < \
+        rows["naive eager loop, captions of 4-32 tokens"]["padding"] / 2
     # the feature job encoded every synthetic image (2 shards of 64 at batch 8) before its job read them
     assert report["feature_job"]["images_encoded"] == 128 and report["feature_job"]["errors_total"] == 0
     table = (tmp_path / "train_step.md").read_text()

@@ -74,6 +74,10 @@ class TrainConfig:
     log_every: int = 10
     max_failures: int = 3
     shuffle_buffer: int = 0  # rows in each worker's local shuffle buffer
+    # length bucketing: read this many batches' worth of rows at a time, sort them by token count and
+    # cut them into batches (in random order), so each pads to a length close to its own rows' (1: off,
+    # every batch as it comes, as MiniGPT-4 batches). The `padding` metric is the share of padded positions
+    length_buckets: int = 1
     torch_threads: int = 0  # intra-op threads per worker (0: Ray's default, the worker's whole CPUs)
     fail_at_step: int | None = None  # fault injection (tests): rank 1 dies once at this step
     # extra Ray resources each worker needs, e.g. {"accelerator_type:A100": 0.001} to land on A100
@@ -93,7 +97,7 @@ class TrainConfig:
         if self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"train.zero_stage must be 0..3, got {self.zero_stage}")
         for k in ("num_workers", "batch_size", "grad_accum", "epochs", "iters_per_epoch", "log_every",
-                  "checkpoint_every", "keep_checkpoints"):
+                  "checkpoint_every", "keep_checkpoints", "length_buckets"):
             if getattr(self, k) < 1:
                 raise ValueError(f"train.{k} must be >= 1, got {getattr(self, k)}")
         self.name = self.name or ("pretrain" if self.stage == 1 else "finetune")
@@ -331,7 +335,9 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(t.seed * 1000 + rank + step)
     trackers = {name: PositionTracker(positions.get(name)) for name in job.data.ratios}
     board = config.get("board")
-    collate = TrainingCollator(tokenizer.pad_token_id)
+    buckets = t.length_buckets
+    collate = TrainingCollator(tokenizer.pad_token_id, batch_size=t.batch_size if buckets > 1 else None,
+                               seed=t.seed * 1000 + rank + step)
 
     def open_stream(name: str, epoch: int):
         """One epoch of a source (a Ray Data execution). Rank 0 first posts where it starts: the
@@ -340,10 +346,12 @@ def train_loop(config: dict) -> None:
         if board is not None and rank == 0:
             tr = trackers[name]
             ray.get(board.set.remote(name, tr.position() if tr.low[0] == epoch else {"low": [epoch, 0], "done": []}))
-        return ray.train.get_dataset_shard(name).iter_torch_batches(
-            batch_size=t.batch_size, collate_fn=collate, drop_last=True,
+        batches = ray.train.get_dataset_shard(name).iter_torch_batches(
+            batch_size=t.batch_size * buckets, collate_fn=collate, drop_last=buckets == 1,
             local_shuffle_buffer_size=t.shuffle_buffer or None,
             local_shuffle_seed=t.seed * 1000 + step + epoch if t.shuffle_buffer else None)
+        # bucketing: each read of `buckets` batches comes back cut into full batches (the collator)
+        return batches if buckets == 1 else (part for read in batches for part in read["parts"])
 
     def next_batch():
         while True:
@@ -384,6 +392,7 @@ def train_loop(config: dict) -> None:
             engine.step()
             # device-side sums: read back once per log line, not once per micro-step (each read syncs)
             tokens = batch["attention_mask"].sum()
+            window["positions"] += batch["attention_mask"].numel()
             window["samples"] += batch["input_ids"].shape[0]
             window["feature_samples"] += batch["input_ids"].shape[0] if image == "image_feats" else 0
             window["tokens"] = window["tokens"] + tokens
@@ -411,7 +420,8 @@ def train_loop(config: dict) -> None:
             metrics = {"step": step, "epoch": (step - 1) // t.iters_per_epoch,
                        "loss": float(window["loss"]) / window["n"], "lr": lr, "samples_per_s": n * world / dt,
                        "tokens_per_s": float(window["tokens"]) * world / dt,
-                       "data_wait": window["wait"] / dt}  # share of the time spent waiting for input
+                       "data_wait": window["wait"] / dt,  # share of the time spent waiting for input
+                       "padding": 1.0 - float(window["tokens"]) / window["positions"]}  # padded share of positions
             metrics["mfu"] = (flops / dt / peak) if peak else None
             metrics["gpu_mem_gb"] = (torch.cuda.max_memory_allocated(device) / 2**30) if device.type == "cuda" else None
             history.append(metrics)
@@ -474,8 +484,8 @@ def _say(line: str, progress: str | None = None) -> None:
 
 
 def _new_window() -> dict:
-    return {"samples": 0, "feature_samples": 0, "tokens": 0, "text": 0, "loss": 0.0, "n": 0, "wait": 0.0,
-            "t": time.perf_counter()}
+    return {"samples": 0, "feature_samples": 0, "tokens": 0, "positions": 0, "text": 0, "loss": 0.0, "n": 0,
+            "wait": 0.0, "t": time.perf_counter()}
 
 
 # -- the driver -----------------------------------------------------------------------------------

@@ -482,20 +482,50 @@ def read_errors(errors: str, s3: uio.S3Options | None = None) -> list[dict]:
 class TrainingCollator(NumpyBatchCollateFn):
     """`iter_torch_batches(collate_fn=TrainingCollator(pad_id))`: a numpy batch of rows -> tensors
     (pixel_values or, from a features source, image_feats; input_ids, labels, attention_mask) padded as
-    the original pads, plus the keys."""
+    the original pads, plus the keys.
 
-    def __init__(self, pad_token_id: int, pad_to: int | None = None):
-        self.pad_token_id, self.pad_to = pad_token_id, pad_to
+    Length bucketing (`batch_size` given; the stream is read `buckets` batches at a time): the rows are
+    sorted by token count and cut into batches of `batch_size`, returned as `{"parts": [batch, ...]}`
+    in a seeded random order. A batch pads to its longest row, so rows of similar length padded
+    together waste fewer positions (stage-1 captions run from a few tokens to max_txt_len). Only full
+    batches are made: the rows of a last, short read are dropped as `drop_last` drops them, and every
+    row's unit marker still reaches the position tracker (in the first part)."""
+
+    def __init__(self, pad_token_id: int, pad_to: int | None = None, batch_size: int | None = None,
+                 seed: int = 0):
+        self.pad_token_id, self.pad_to, self.batch_size = pad_token_id, pad_to, batch_size
+        self._rng = random.Random(seed)
 
     def __call__(self, batch: dict) -> dict:
+        if self.batch_size is None:
+            return self._collate(batch)
+        unreported = []  # markers no part reports: placeholders and the rows a short read drops
+        if "unit_rows" in batch:
+            real = batch["unit_rows"] != 0
+            unreported = [u for u, r in zip(_unit_markers(batch), real) if not r]
+            batch = {k: v[real] for k, v in batch.items()}
+        n = len(batch["key"]) // self.batch_size * self.batch_size
+        order = np.argsort([len(ids) for ids in batch["input_ids"]], kind="stable")
+        if "unit_rows" in batch:
+            markers = _unit_markers(batch)
+            unreported += [markers[i] for i in order[n:]]
+        chunks = [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+        self._rng.shuffle(chunks)
+        parts = [self._collate({k: v[idx] for k, v in batch.items()}) for idx in chunks]
+        if unreported:
+            if not parts:
+                return {"parts": [{"units": unreported, "empty": True}]}
+            parts[0]["units"] = unreported + parts[0]["units"]
+        return {"parts": parts}
+
+    def _collate(self, batch: dict) -> dict:
         import torch
 
         from ..prompts import collate_training
 
         units = None
         if "unit_rows" in batch:  # position markers (training): every row reported, placeholders dropped
-            units = list(zip(batch["unit_epoch"].tolist(), batch["unit_index"].tolist(),
-                             batch["unit_rows"].tolist(), batch["unit_last"].tolist()))
+            units = _unit_markers(batch)
             real = np.flatnonzero(batch["unit_rows"] != 0)
             if len(real) < len(units):
                 batch = {k: v[real] for k, v in batch.items()}
@@ -511,6 +541,12 @@ class TrainingCollator(NumpyBatchCollateFn):
         if units is not None:
             out["units"] = units
         return out
+
+
+def _unit_markers(batch: dict) -> list[tuple]:
+    """(epoch, index, unit_rows, unit_last) per row of a batch with position markers."""
+    return list(zip(batch["unit_epoch"].tolist(), batch["unit_index"].tolist(), batch["unit_rows"].tolist(),
+                    batch["unit_last"].tolist()))
 
 
 class Mixture:
