@@ -310,6 +310,8 @@ def test_stage1_trains_from_features_with_the_pixel_paths_first_loss(shards, fea
     assert state["step"] == 3 and sorted(weights) == ["llama_proj.bias", "llama_proj.weight"]  # only what trains
     history = state["history"]
     assert [h["step"] for h in history] == [1, 2, 3] and all(h["samples_per_s"] > 0 for h in history)
+    # the workers never held the encoder the features stand for
+    assert "the ViT and Q-Former are not loaded" in (tmp_path / "pretrain" / "progress.log").read_text()
 
     # the pixel path on the same first batch (shard 0's first 8 images, in order: one unit at a time, no
     # shuffling), with the model train.run builds (seed 42): the same loss
@@ -326,6 +328,26 @@ def test_stage1_trains_from_features_with_the_pixel_paths_first_loss(shards, fea
     loss = model(**batch, pixel_values=torch.from_numpy(np.stack([r["pixel_values"] for r in rows]))).loss
     assert history[0]["loss"] == pytest.approx(loss.item(), rel=1e-5)
     assert not torch.equal(weights["llama_proj.weight"], model.llama_proj.weight.detach())  # it trained
+
+
+def test_dropped_encoder_frees_the_frozen_parts_and_keeps_the_feature_path():
+    torch.manual_seed(0)
+    model = build_model(preset("tiny")).eval()
+    ids = torch.tensor([[1] + [-200] * 4 + [300, 301, 302]])
+    feats = torch.randn(1, 4, 32)
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.masked_fill(ids < 0, -100))
+    before = model(**batch, image_feats=feats).loss
+    counts = model.parameter_counts()
+    assert model.drop_encoder() == counts["vision"] + counts["qformer"] > 0
+    after = model.parameter_counts()
+    assert after["vision"] == after["qformer"] == 0 and after["llm"] == counts["llm"]
+    assert model.num_parameters() == counts["total"] - counts["vision"] - counts["qformer"]
+    assert torch.equal(model(**batch, image_feats=feats).loss, before)
+    with pytest.raises(ValueError, match="dropped .*give image_feats"):
+        model(**batch, pixel_values=torch.randn(1, 3, 32, 32))
+    model.train()  # frozen parts' eval mode does not trip on the stand-ins
+    with pytest.raises(ValueError, match="frozen encoder"):
+        build_model(preset("tiny", train_vision=True)).drop_encoder()
 
 
 def test_training_refuses_features_of_another_encoder_before_any_work(features, tmp_path):

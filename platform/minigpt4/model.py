@@ -299,14 +299,26 @@ class MiniGPT4(nn.Module):
         return sum(t.numel() * t.element_size() for t in (*self.llm.parameters(), *self.llm.buffers()))
 
     def parameter_counts(self) -> dict[str, int]:
-        """Parameters per part (works on the meta device)."""
+        """Parameters per part (works on the meta device; a dropped encoder counts 0)."""
         parts = {"vision": self.vision, "llama_proj": self.llama_proj, "llm": self.llm}
         out = {k: sum(p.numel() for p in m.parameters()) + _int8_weights(m) for k, m in parts.items()}
-        out["qformer"] = (sum(p.numel() for p in self.qformer.parameters()) + self.query_tokens.numel()
+        out["qformer"] = (sum(p.numel() for p in self.qformer.parameters())
+                          + (self.query_tokens.numel() if self.query_tokens is not None else 0)
                           if self.qformer is not None else 0)
         out["trainable"] = self.num_parameters(trainable_only=True)
         out["total"] = self.num_parameters()
         return out
+
+    def drop_encoder(self) -> int:
+        """Free the frozen ViT and Q-Former of a model that trains from cached features only
+        (`minigpt4.features`): their output comes with the data, so keeping them costs memory for
+        nothing (about 2 GB of bf16 at 7B). Pixels given afterwards are a clear error. Call after the
+        model is built and loaded (the random init of the rest must not change). Returns the number
+        of parameters freed."""
+        self.cfg.check_cached_features()
+        freed = self.parameter_counts()
+        self.vision, self.qformer, self.query_tokens = _DroppedEncoder("vision"), _DroppedEncoder("qformer"), None
+        return freed["vision"] + freed["qformer"]
 
     # -- image side ------------------------------------------------------------------------------
     @property
@@ -461,6 +473,18 @@ class MiniGPT4(nn.Module):
 
         embeds = self.generation_inputs(tokenizer, prompts, images)
         return self.engine(tokenizer).stream(embeds, params or SamplingParams())
+
+
+class _DroppedEncoder(nn.Module):
+    """Stands in for a part `MiniGPT4.drop_encoder` freed: no parameters, and an error if it is run."""
+
+    def __init__(self, part: str):
+        super().__init__()
+        self.part = part
+
+    def forward(self, *args, **kwargs):
+        raise ValueError(f"this model's {self.part} was dropped (it trains from cached features): give image_feats, "
+                         "not pixel_values")
 
 
 # -- building -----------------------------------------------------------------------------------

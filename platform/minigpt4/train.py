@@ -316,7 +316,16 @@ def train_loop(config: dict) -> None:
         torch.cuda.set_device(device)
     cfg = job.model_config()
     torch.manual_seed(t.seed)  # the same random init on every rank
-    model, tokenizer, _ = load_pretrained(cfg, job.weights, device=device)
+    # every source brings the frozen encoder's output (features): its weights are neither read nor kept
+    features_only = all(s.format == "features" for s in job.data.sources)
+    weights = dataclasses.replace(job.weights, eva_vit=None, blip2=None, hf_blip2=None) if features_only \
+        else job.weights
+    model, tokenizer, _ = load_pretrained(cfg, weights, device=device)
+    if features_only:
+        freed = model.drop_encoder()
+        if rank == 0:
+            _say(f"[train] every source holds cached features: the ViT and Q-Former are not loaded "
+                 f"({freed:,} parameters)", progress)
     model.set_trainable()
     model.train()
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=lr_at(0, t), betas=tuple(t.betas))
