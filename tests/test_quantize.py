@@ -242,10 +242,16 @@ def test_load_pretrained_quantizes_the_llm_and_loads_a_minigpt4_checkpoint(tmp_p
 # -- the bench -------------------------------------------------------------------------------------
 def test_quantize_bench_runs_on_cpu(tmp_path):
     """bench/quantize.py (the GPU benchmark at real sizes) must keep working: on CPU, the tiny preset;
-    the bitsandbytes rows run where bitsandbytes does, and are skipped with a reason elsewhere."""
-    run = subprocess.run([sys.executable, "bench/quantize.py", "--batch-size", "1", "2", "--new-tokens", "4",
-                          "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+    the bitsandbytes rows run where bitsandbytes does, and are skipped with a reason elsewhere. It runs
+    through bench/gpu.sh, the device-call script, which must keep working too."""
+    import os
+
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    run = subprocess.run(["bash", "bench/gpu.sh", "quant", "--batch-size", "1", "2", "--new-tokens", "4"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and "quantize: exit 0 in" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "=== tables ===" in run.stdout and "| int8wo (ours) | 2 |" in run.stdout
+    run.stdout = (tmp_path / "quantize.log").read_text()  # the bench's own output
     result = json.loads((tmp_path / "quantize.json").read_text())
     rows, skipped = result["rows"], result["skipped"]
     assert result["baseline"] == "fp32" and list(rows)[:2] == ["fp32", "int8wo (ours)"]

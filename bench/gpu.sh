@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The GPU benchmarks, one device call per wheel bundle. The lent GPU box has torch, transformers,
+# pyarrow and numpy but no ray, deepspeed or bitsandbytes and no network, and one call carries at most
+# 64 MiB (one bundle of ../shared/device/pack-wheels.sh). Here, in the repo root:
+#
+#   echo /.whl/ >> .git/info/exclude
+#   ../shared/device/pack-wheels.sh train     # then a device call with carry [".whl"]:  bench/gpu.sh train
+#   ../shared/device/pack-wheels.sh quant     #                                             bench/gpu.sh quant
+#   ../shared/device/pack-wheels.sh serve     #                                             bench/gpu.sh serve
+#
+#   train: bench/train_step.py (stage-1 step: naive vs Ray Train + DeepSpeed job, cached features,
+#          length bucketing) and bench/caption.py (engine vs HF generate at batch 1-256)
+#   quant: bench/quantize.py (bf16 vs int8wo vs bitsandbytes LLM.int8 / NF4)
+#   serve: bench/serve.py (Serve replica, 1/8/32 streams vs HF generate)
+#
+# Each bench runs under its own timeout (seconds: TRAIN_STEP_S, CAPTION_S, QUANTIZE_S, SERVE_S) so a
+# call ends inside the device's 10-minute limit, and a bench that fails does not stop the next one.
+# Tables, JSON and logs go to $OUT (or bench/results when $OUT is unset); the last lines printed are
+# the tables and each bench's exit status. Arguments after the call's name go to each of its benches.
+# On a machine without a GPU the benches run their CPU variants (tiny preset): CI runs
+# `bench/gpu.sh quant` that way (tests/test_quantize.py), which keeps this script working.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+what=${1:?usage: bench/gpu.sh train|quant|serve [bench arguments]}
+shift
+extra=("$@")  # passed to each bench of the call (CI: small sizes)
+case "$what" in train|quant|serve) ;; *) echo "usage: bench/gpu.sh train|quant|serve [bench arguments]" >&2; exit 2 ;; esac
+out=${OUT:-bench/results}
+mkdir -p "$out"
+
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    || { echo "wheel install failed" >&2; exit 1; }
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# the package without installing it (Ray's workers inherit the variable); unbuffered logs
+export PYTHONPATH=$PWD/platform${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+PY=${PYTHON:-python3}
+python_ok() { $PY -c "import minigpt4, torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"; }
+python_ok || exit 1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+
+status=()
+bench() {  # bench NAME SECONDS SCRIPT ARGS...: one bench, its own timeout and log
+  local name=$1 limit=$2; shift 2
+  echo "=== $name (timeout ${limit}s) ==="
+  local t0=$SECONDS
+  timeout --kill-after=15 "$limit" $PY "$@" ${extra[@]+"${extra[@]}"} --out "$out" >"$out/$name.log" 2>&1
+  local rc=$?
+  status+=("$name: exit $rc in $((SECONDS - t0)) s$([ $rc = 124 ] && echo ' (timed out)')")
+  [ $rc = 0 ] || tail -n 40 "$out/$name.log"  # the table comes below; a failure shows its log's end
+}
+
+case "$what" in
+  train)
+    bench train_step "${TRAIN_STEP_S:-330}" bench/train_step.py
+    bench caption "${CAPTION_S:-240}" bench/caption.py ;;
+  quant)
+    bench quantize "${QUANTIZE_S:-480}" bench/quantize.py ;;
+  serve)
+    bench serve "${SERVE_S:-480}" bench/serve.py ;;
+esac
+echo "=== tables ==="
+for md in "$out"/*.md; do [ -e "$md" ] && { echo "--- $md"; cat "$md"; }; done
+printf '%s\n' "${status[@]}"
