@@ -16,6 +16,9 @@ encoder runs once per batch in every row):
 - `our engine, simple path`: `GenerationEngine(static=False)`: DynamicCache, eager decode loop.
 - `our engine`: `GenerationEngine`, the static slot engine (on GPU its decode step compiled and
   replayed as CUDA graphs), per-sample stop strings on.
+- under the table, the host's share: the text of each generated token (detokenize, stop strings), in
+  microseconds, decoding only the newest tokens as the engine does, and the whole sequence every step
+  as it did before, over the same tokens at the largest batch size.
 - `caption job (end to end)`, at the largest batch size: `minigpt4.caption.run` over `--job-images`
   synthetic JPEGs on a local S3 server: read, decode, preprocess, the actor pool, parquet commit
   (CPU: tiny model; GPU: one actor with the preset at random weights).
@@ -196,6 +199,34 @@ def table(by_batch: dict, job: dict | None, args, name: str) -> str:
     return "\n".join(lines)
 
 
+def detokenize_cost(llm, tok, batch: int, new_tokens: int) -> dict:
+    """Host time of the text of each generated token (the engine's per-token check: detokenize, stop
+    strings, UTF-8 hold-back) for `batch` rows of `new_tokens` tokens of English descriptions, decoding
+    only the newest tokens (the engine's way) or the whole sequence every step (the way before):
+    microseconds per token, and per decode step of the batch."""
+    from minigpt4.generate import GenerationEngine, SamplingParams, _Seq
+    from minigpt4.synthetic import random_scene
+
+    import random
+
+    rng = random.Random(0)
+    text = " ".join(random_scene(rng).description() for _ in range(40))
+    ids = tok(text, add_special_tokens=False).input_ids
+    engine = GenerationEngine(llm, tok)
+    params = SamplingParams(max_new_tokens=new_tokens + 1, stop=("###",))
+    out = {}
+    for label, windows in (("windowed", True), ("whole sequence", False)):
+        engine._windows = windows and engine._windows
+        rows = [_Seq(i, params, 0) for i in range(batch)]
+        t = time.perf_counter()
+        for step in range(new_tokens):
+            for i, seq in enumerate(rows):
+                engine._finish_check(seq, ids[(7 * i + step) % len(ids)])
+        dt = time.perf_counter() - t
+        out[label] = {"us_per_token": 1e6 * dt / (batch * new_tokens), "ms_per_step": 1e3 * dt / new_tokens}
+    return out
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -213,6 +244,9 @@ def main(argv=None) -> int:
     print(f"[bench] captioning: preset {args.preset}, batches {args.batch_size}, {args.new_tokens} new tokens, "
           f"{name}", flush=True)
     model, tok = build(cfg, device)
+    largest = max(args.batch_size)
+    detok = detokenize_cost(model.llm, tok, largest, args.new_tokens)
+    print(f"[bench] text per generated token (host): {detok}", flush=True)
     by_batch, same = {}, {}
     for b in sorted(args.batch_size):
         by_batch[b], same[b] = engine_rows(model, tok, cfg, b, args.new_tokens, args.batches, device, gpu)
@@ -225,8 +259,13 @@ def main(argv=None) -> int:
     if args.job_images:
         with tempfile.TemporaryDirectory() as tmp:
             job = job_row(args.preset, args.job_images, largest, args.new_tokens, gpu, Path(tmp))
-    write_results(args.out, "caption", table(by_batch, job, args, name),
-                  {"preset": args.preset, "new_tokens": args.new_tokens, "device": name,
+    w, whole = detok["windowed"], detok["whole sequence"]
+    note = (f"\n\nText of each generated token on the host (detokenize, stop strings, UTF-8 hold-back), batch "
+            f"{largest} x {args.new_tokens} tokens: {w['us_per_token']:.1f} us a token decoding the newest tokens, "
+            f"{whole['us_per_token']:.1f} us decoding the whole sequence every step; per decode step of the batch "
+            f"{w['ms_per_step']:.2f} ms against {whole['ms_per_step']:.2f} ms.")
+    write_results(args.out, "caption", table(by_batch, job, args, name) + note,
+                  {"preset": args.preset, "new_tokens": args.new_tokens, "device": name, "detokenize": detok,
                    "rows": by_batch[largest] | ({JOB: job} if job else {}),
                    "by_batch": by_batch, "same_tokens_as_our_engine": same})
     exact = cfg.llm_dtype == "fp32"

@@ -239,8 +239,12 @@ def test_caption_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     table = (tmp_path / "caption.md").read_text()
     for row in ("HF generate (dynamic cache)", "our engine", "caption job (end to end)"):
         assert f"| {row} |" in table
-    rows = json.loads((tmp_path / "caption.json").read_text())["rows"]
+    report = json.loads((tmp_path / "caption.json").read_text())
+    rows = report["rows"]
     assert rows["our engine"]["tokens"] == rows["HF generate (dynamic cache)"]["tokens"] == 4 * 4
+    detok = report["detokenize"]  # the host's text cost per token, both ways, under the table
+    assert set(detok) == {"windowed", "whole sequence"} and all(d["us_per_token"] > 0 for d in detok.values())
+    assert "us a token decoding the newest tokens" in table
 
 
 def test_detect_format_and_prompts(tmp_path):

@@ -151,6 +151,34 @@ def test_stream_deltas_hold_back_partial_stops_and_utf8(tiny_tokenizer, static):
     assert "".join(deltas[1]) == finals[1].text == "a red circle"
 
 
+def test_incremental_detokenization_equals_a_full_decode_after_every_token(tiny_tokenizer):
+    """Each step decodes only the newest tokens (with the window before them): after every token the
+    text must be exactly what decoding the whole sequence gives: leading spaces, byte-fallback pieces
+    of é / ✓ / emoji arriving one byte at a time, bytes that never form a character, special tokens."""
+    import random
+
+    from minigpt4.generate import _Seq
+
+    tok = tiny_tokenizer
+    engine = GenerationEngine(ScriptedLM([[1]], vocab=len(tok)), tok)
+    assert engine._windows  # the Rust decoder without clean-up: the windowed path
+    full = engine._detokenize
+    texts = ["café ✓ red##blue", " a  red   circle\nabove 🙂 two blue squares.", "x.### y", "naïve — 日本"]
+    byte_ids = [i for t, i in tok.get_vocab().items() if t.startswith("<0x")]
+    rng = random.Random(0)
+    natural = [_ids(tok, t) for t in texts]
+    draw = lambda: rng.choices([rng.randrange(3, len(tok)), rng.choice(byte_ids), rng.choice([0, 1, 2])],
+                               weights=[7, 2, 1])[0]
+    for ids in natural + [[draw() for _ in range(60)] for _ in range(30)]:
+        seq, window = _Seq(0, SamplingParams(), 0), []
+        for n, token in enumerate(ids, 1):
+            seq.ids.append(token)
+            assert engine._text(seq) == full(ids[:n]), (ids[:n], seq.prefix, seq.read)
+            window.append(n - seq.prefix)
+        if ids in natural:  # a few tokens per step (a split character's bytes and their context), not all
+            assert max(window) <= 6, window
+
+
 @pytest.mark.parametrize("static", [True, False])
 def test_min_new_tokens_blocks_eos(tiny_tokenizer, static):
     engine, _, prompts = _scripted(tiny_tokenizer, [[2, 2, 2]], static)

@@ -124,6 +124,10 @@ class _Seq:
     """Random source of a sampled row (None: torch's global one); rows sharing one draw together."""
     slot: int = -1
     """Its slot in the static engine's cache."""
+    text: str = ""
+    """Incremental detokenization (`GenerationEngine._text`): the text of ids[:read], complete characters."""
+    prefix: int = 0
+    read: int = 0
 
 
 def _hold_back(text: str, stops: Sequence[str]) -> int:
@@ -252,9 +256,11 @@ class GenerationEngine:
         # Every row's text is decoded every step; transformers' decode() spends longer converting the
         # id list than its Rust tokenizer takes to decode it, so call that directly where they agree.
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        decode = backend.decode if backend is not None and not tokenizer.clean_up_tokenization_spaces \
-            else tokenizer.decode
+        self._windows = backend is not None and not tokenizer.clean_up_tokenization_spaces
+        decode = backend.decode if self._windows else tokenizer.decode
         self._detokenize = functools.partial(decode, skip_special_tokens=True)
+        # and each step decodes only the newest tokens (`_text`), unless transformers' clean-up rewrites
+        # text by its context (then the whole sequence, as before)
         # transformers 5.2x renamed `past_key_values` to `cache` (old name removed in 5.40); 5.17 knows only the old
         base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
         self._cache_kw = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
@@ -484,7 +490,7 @@ class GenerationEngine:
         reason = None
         if token == self.eos_id:
             reason = "stop"
-        text = self._detokenize(seq.ids)
+        text = self._text(seq)
         stops = seq.params.stop
         if stops:
             cut = min((i for i in (text.find(s, max(0, seq.sent - len(s))) for s in stops) if i >= 0), default=-1)
@@ -503,6 +509,31 @@ class GenerationEngine:
         if reason is not None:
             seq.done = Completion(list(seq.ids), text, reason, seq.prompt_tokens)
         return TokenEvent(seq.index, token, delta, seq.done)
+
+    def _text(self, seq: _Seq) -> str:
+        """The text of all of `seq.ids`, as one decode of them gives it, decoding only the tokens since
+        the last complete character plus a context window before them: O(1) per token instead of the
+        whole sequence every step. The context matters because a decode strips the leading space of
+        its first piece and needs every byte of a split character; so the offsets move on only when
+        the text ends in a complete character, and the context only past text that is more than
+        spaces (a lone space or a special token decodes to nothing alone, and would let the strip
+        take the new text's space). A window that does not extend its context's text is decoded whole."""
+        if not self._windows:
+            return self._detokenize(seq.ids)
+        context = self._detokenize(seq.ids[seq.prefix:seq.read]) if seq.read > seq.prefix else ""
+        window = self._detokenize(seq.ids[seq.prefix:])
+        if not window.startswith(context) or (not context and seq.prefix > 0):
+            text = self._detokenize(seq.ids)
+            if not text.endswith("\ufffd"):
+                seq.text, seq.prefix, seq.read = text, 0, len(seq.ids)
+            return text
+        new = window[len(context):]
+        text = seq.text + new
+        if not text.endswith("\ufffd"):
+            if new.strip(" "):
+                seq.prefix = seq.read
+            seq.text, seq.read = text, len(seq.ids)
+        return text
 
     def _simple_loop(self, prompts, plist: list[SamplingParams]) -> Iterator[list[TokenEvent]]:
         logits, cache, mask, positions, lengths = self._prefill(prompts, plist)
