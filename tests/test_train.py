@@ -41,6 +41,67 @@ def test_only_trainable_parameters_reach_the_optimizer_with_lavis_decay_rule():
         TrainConfig(precision="int8")
 
 
+def test_deepspeed_step_equals_plain_adamw_with_clipping(monkeypatch):
+    """The training step as train_loop builds it (DeepSpeed ZeRO-2 with our fp32 config, the torch AdamW
+    over trainable parameters, the LR set per step, clipping by DeepSpeed) moves the weights exactly as a
+    plain AdamW + clip_grad_norm_ loop: DeepSpeed adds no cast, scaling or second state that changes the
+    math. One rank, gloo, in this process."""
+    import importlib
+    import socket
+
+    import torch.distributed as dist
+
+    from minigpt4.model import build_model, preset
+    from minigpt4.train import _base_optimizer
+
+    importlib.import_module("deepspeed.ops").__compatible_ops__["deepspeed_shm_comm"] = False
+    import deepspeed
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0").items():
+        monkeypatch.setenv(k, v)  # for this test only: later tests start their own process groups
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        t = TrainConfig(stage=1, num_workers=1, batch_size=4, precision="fp32", zero_stage=2, clip_grad=0.5,
+                        weight_decay=0.05, epochs=1, iters_per_epoch=10, init_lr=1e-3, warmup_lr=1e-4, warmup_steps=4)
+        cfg = preset("tiny", train_llm="full")
+
+        def make():
+            torch.manual_seed(42)
+            m = build_model(cfg)
+            m.set_trainable()
+            return m.train()
+
+        plain, ds = make(), make()
+        opt = torch.optim.AdamW(param_groups(plain, t.weight_decay), lr=lr_at(0, t))
+        engine, *_ = deepspeed.initialize(model=ds, optimizer=torch.optim.AdamW(param_groups(ds, t.weight_decay)),
+                                          config=deepspeed_config(t), dist_init_required=False)
+        g = torch.Generator().manual_seed(0)
+        for step in range(t.total_steps):
+            ids = torch.randint(3, 600, (4, 12), generator=g)
+            ids[:, 0], ids[:, 1:5] = 1, -200
+            batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.masked_fill(ids < 3, -100),
+                         pixel_values=torch.randn(4, 3, 32, 32, generator=g))
+            for group in (*opt.param_groups, *_base_optimizer(engine).param_groups):
+                group["lr"] = lr_at(step, t)
+            loss = plain(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(plain.trainable_parameters(), t.clip_grad)
+            opt.step()
+            opt.zero_grad()
+            ds_loss = engine(**batch).loss
+            engine.backward(ds_loss)
+            engine.step()
+            assert ds_loss.item() == pytest.approx(loss.item(), rel=1e-6, abs=1e-7)
+        moved = max((a - b).abs().max().item() for a, b in zip(plain.parameters(), ds.parameters()))
+        assert moved < 1e-6
+        assert not torch.equal(plain.llama_proj.weight, make().llama_proj.weight)  # it trained
+    finally:
+        dist.destroy_process_group()
+
+
 def _job(embedded_s3, storage: Path, **train) -> JobConfig:
     pattern = embedded_s3
     t = dict(stage=1, num_workers=2, cpus_per_worker=0.5, batch_size=8, epochs=2, iters_per_epoch=6,
