@@ -48,13 +48,20 @@ def caption_lengths(n: int, lo: int, hi: int, seed: int = 0) -> list[int]:
 
 
 def length_batches(lengths: list[int], batch_size: int, buckets: int) -> list[list[int]]:
-    """The caption lengths of each batch, as the job forms them: in arrival order (buckets 1), or sorted
-    in reads of `buckets` batches and cut into batches (train.length_buckets, TrainingCollator)."""
-    out = []
-    read = batch_size * buckets
+    """The caption lengths of each batch, as the job forms them: in arrival order (buckets 1), or by the
+    job's own bucketing (`length_buckets`, what TrainingCollator does with train.length_buckets) over
+    reads of `buckets` batches."""
+    import random
+
+    from minigpt4.data.pipeline import length_buckets
+
+    out, read, rng = [], batch_size * buckets, random.Random(0)
     for i in range(0, len(lengths) - read + 1, read):
-        chunk = lengths[i:i + read] if buckets == 1 else sorted(lengths[i:i + read])
-        out += [chunk[j:j + batch_size] for j in range(0, read, batch_size)]
+        chunk = lengths[i:i + read]
+        if buckets == 1:
+            out += [chunk[j:j + batch_size] for j in range(0, read, batch_size)]
+        else:
+            out += [[chunk[k] for k in idx] for idx in length_buckets(chunk, batch_size, rng)]
     return out
 
 

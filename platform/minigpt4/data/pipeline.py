@@ -504,13 +504,10 @@ class TrainingCollator(NumpyBatchCollateFn):
             real = batch["unit_rows"] != 0
             unreported = [u for u, r in zip(_unit_markers(batch), real) if not r]
             batch = {k: v[real] for k, v in batch.items()}
-        n = len(batch["key"]) // self.batch_size * self.batch_size
-        order = np.argsort([len(ids) for ids in batch["input_ids"]], kind="stable")
+        chunks = length_buckets([len(ids) for ids in batch["input_ids"]], self.batch_size, self._rng)
         if "unit_rows" in batch:
-            markers = _unit_markers(batch)
-            unreported += [markers[i] for i in order[n:]]
-        chunks = [order[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
-        self._rng.shuffle(chunks)
+            taken = set(np.concatenate(chunks).tolist()) if chunks else set()
+            unreported += [u for i, u in enumerate(_unit_markers(batch)) if i not in taken]
         parts = [self._collate({k: v[idx] for k, v in batch.items()}) for idx in chunks]
         if unreported:
             if not parts:
@@ -541,6 +538,18 @@ class TrainingCollator(NumpyBatchCollateFn):
         if units is not None:
             out["units"] = units
         return out
+
+
+def length_buckets(lengths, batch_size: int, rng: random.Random | None = None) -> list[np.ndarray]:
+    """Length bucketing: the row indices of full batches of `batch_size`, rows sorted by length (stable),
+    the batches in `rng`'s random order (sorted order without one); rows past the last full batch are
+    left out. What `TrainingCollator` trains on, and what bench/train_step.py times."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    n = len(order) // batch_size * batch_size
+    chunks = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    if rng is not None:
+        rng.shuffle(chunks)
+    return chunks
 
 
 def _unit_markers(batch: dict) -> list[tuple]:
