@@ -204,10 +204,10 @@ def detokenize_cost(llm, tok, batch: int, new_tokens: int) -> dict:
     strings, UTF-8 hold-back) for `batch` rows of `new_tokens` tokens of English descriptions, decoding
     only the newest tokens (the engine's way) or the whole sequence every step (the way before):
     microseconds per token, and per decode step of the batch."""
+    import random
+
     from minigpt4.generate import GenerationEngine, SamplingParams, _Seq
     from minigpt4.synthetic import random_scene
-
-    import random
 
     rng = random.Random(0)
     text = " ".join(random_scene(rng).description() for _ in range(40))

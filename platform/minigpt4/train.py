@@ -596,7 +596,7 @@ def embedded_job(stage: int, embedded, storage_path: str = "outputs/embedded") -
     train.update(num_workers=1, cpus_per_worker=1, torch_threads=min(os.cpu_count() or 1, 8), precision="fp32",
                  zero_stage=2, weight_decay=0.0, clip_grad=1.0, log_every=50, storage_path=storage_path)
     # At most 5 epochs per Ray Data execution, and no more than ~640 units in one (stage 1: 5 passes over
-    # 25 shards of 320; stage 2: its 6 passes over 16 units in one). One execution per epoch stalled
+    # 25 shards of 320; stage 2: its 6 passes over 16 units in two executions). One execution per epoch stalled
     # training ~10 s at each start on 2 cores; with 2,400 units listed up front, Ray Data's split
     # coordinator took half a core (230 samples/s against 480 with 625 units), and a single execution
     # of all 24 passes produced them up front while training crawled. Each execution still produces

@@ -499,16 +499,14 @@ class TrainingCollator(NumpyBatchCollateFn):
     def __call__(self, batch: dict) -> dict:
         if self.batch_size is None:
             return self._collate(batch)
-        unreported = []  # markers no part reports: placeholders and the rows a short read drops
-        if "unit_rows" in batch:
-            real = batch["unit_rows"] != 0
-            unreported = [u for u, r in zip(_unit_markers(batch), real) if not r]
-            batch = {k: v[real] for k, v in batch.items()}
+        markers = _unit_markers(batch) if "unit_rows" in batch else []
+        real = np.flatnonzero(batch["unit_rows"] != 0) if markers else np.arange(len(batch["key"]))
+        batch = {k: v[real] for k, v in batch.items()}  # placeholders carry only a marker
         chunks = length_buckets([len(ids) for ids in batch["input_ids"]], self.batch_size, self._rng)
-        if "unit_rows" in batch:
-            taken = set(np.concatenate(chunks).tolist()) if chunks else set()
-            unreported += [u for i, u in enumerate(_unit_markers(batch)) if i not in taken]
         parts = [self._collate({k: v[idx] for k, v in batch.items()}) for idx in chunks]
+        # markers no part reports: placeholders and the rows a short read drops
+        taken = set(real[np.concatenate(chunks)].tolist()) if chunks else set()
+        unreported = [u for i, u in enumerate(markers) if i not in taken]
         if unreported:
             if not parts:
                 return {"parts": [{"units": unreported, "empty": True}]}
