@@ -1,7 +1,14 @@
-"""What the GPU-or-CPU benchmarks share: the model at the machine's sizes, and where results go."""
+"""What the GPU-or-CPU benchmarks share: the model at the machine's sizes, where the jobs' data lives,
+and where results go."""
+import contextlib
 import json
 import os
 from pathlib import Path
+
+STORAGE = ("auto", "s3", "local")
+"""--storage of the benches that run a job: a local S3 server (moto), a local directory, or `auto`:
+S3 where boto3 and moto import. The GPU image has neither and no network (bench/gpu.sh's wheel bundles
+do not carry them), so there the jobs read local files."""
 
 
 def machine(preset_name: str):
@@ -17,6 +24,42 @@ def machine(preset_name: str):
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(os.cpu_count() or 1, 8)))
     name = torch.cuda.get_device_name() if gpu else f"CPU ({os.cpu_count()} cores)"
     return preset(preset_name, **dtype), torch.device("cuda" if gpu else "cpu"), name
+
+
+def s3_available() -> bool:
+    try:
+        import boto3  # noqa: F401
+        import moto.server  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def job_storage(kind: str, workdir: Path):
+    """Yields (root, what, env): `root` the URI prefix for the job's data (`s3://bench` on a local S3
+    server, or a directory under `workdir`), `what` its words for the table, `env` the variables Ray's
+    workers need (the server's endpoint and test credentials; empty for local files)."""
+    if kind == "auto":
+        kind = "s3" if s3_available() else "local"
+    if kind == "local":
+        root = Path(workdir) / "data"
+        root.mkdir(parents=True, exist_ok=True)
+        yield str(root), "local files", {}
+        return
+    if kind != "s3":
+        raise ValueError(f"--storage must be one of {STORAGE}, not {kind!r}")
+    if not s3_available():
+        raise SystemExit("error: --storage s3 needs boto3 and moto (a local S3 server); use --storage local")
+    from minigpt4.s3server import LocalS3
+
+    server = LocalS3().start()
+    server.apply_env()
+    try:
+        server.create_bucket("bench")
+        yield "s3://bench", "a local S3 server", server.env()
+    finally:
+        server.stop()
 
 
 def write_results(out: str, stem: str, table: str, payload: dict) -> None:

@@ -20,7 +20,8 @@ encoder runs once per batch in every row):
   microseconds, decoding only the newest tokens as the engine does, and the whole sequence every step
   as it did before, over the same tokens at the largest batch size.
 - `caption job (end to end)`, at the largest batch size: `minigpt4.caption.run` over `--job-images`
-  synthetic JPEGs on a local S3 server: read, decode, preprocess, the actor pool, parquet commit
+  synthetic JPEGs on a local S3 server (or local files: `--storage`; the GPU image has no boto3 or
+  moto): read, decode, preprocess, the actor pool, parquet commit
   (CPU: tiny model; GPU: one actor with the preset at random weights).
 Columns: generated tok/s, images/s, time to first token (a 1-token run of the whole batch: image
 encoding, prefill, first token), peak GPU memory over the timed runs (weights included), and the
@@ -38,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import machine, write_results  # bench/ is the script's directory, first on sys.path
+from _common import STORAGE, job_storage, machine, write_results  # bench/ is the script's directory, first on sys.path
 
 HF_DYNAMIC, HF_STATIC = "HF generate (dynamic cache)", "HF generate (static cache)"
 OURS_SIMPLE, OURS = "our engine, simple path", "our engine"
@@ -142,7 +143,8 @@ def engine_rows(model, tok, cfg, batch_size: int, new_tokens: int, batches: int,
     return rows, same
 
 
-def job_row(preset: str, images: int, batch_size: int, new_tokens: int, gpu: bool, workdir: Path) -> dict:
+def job_row(preset: str, images: int, batch_size: int, new_tokens: int, gpu: bool, workdir: Path,
+            storage: str) -> dict:
     import io
     import random
 
@@ -151,33 +153,29 @@ def job_row(preset: str, images: int, batch_size: int, new_tokens: int, gpu: boo
     from minigpt4 import caption, synthetic
     from minigpt4.data import io as uio
     from minigpt4.generate import SamplingParams
-    from minigpt4.s3server import LocalS3
 
-    server = LocalS3().start()
-    server.apply_env()
-    try:
-        server.create_bucket("bench")
+    with job_storage(storage, workdir) as (root, where, env):
         for i in range(images):
             img = synthetic.render(synthetic.random_scene(random.Random(i), 2), 256)
             buf = io.BytesIO()
             img.save(buf, "JPEG", quality=90)
-            uio.write_bytes(f"s3://bench/images/{i:06d}.jpg", buf.getvalue())
-        ray.init(include_dashboard=False, runtime_env={"env_vars": server.env()})
-        from ray.data import DataContext
+            uio.write_bytes(f"{root}/images/{i:06d}.jpg", buf.getvalue())
+        ray.init(include_dashboard=False, runtime_env={"env_vars": env})
+        try:
+            from ray.data import DataContext
 
-        DataContext.get_current().enable_progress_bars = False
-        cfg = caption.CaptionConfig(
-            input="s3://bench/images/", output=str(workdir / "captions"), model={"preset": preset},
-            sampling=SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens),
-            batch_size=batch_size, unit_size=max(batch_size, 64), num_gpus=1 if gpu else 0,
-            cpus_per_actor=1, concurrency=[1], preprocess_cpus=1, log_every=30)
-        s = caption.run(cfg, say=lambda line: print(line, flush=True))
-        return {"images_per_s": s["images_per_second"], "tokens_per_s": s["generated_tokens_per_second"],
-                "tokens": s["generated_tokens"], "seconds": s["wall_seconds"],
-                "first_captions_seconds": s["first_captions_seconds"]}
-    finally:
-        ray.shutdown()
-        server.stop()
+            DataContext.get_current().enable_progress_bars = False
+            cfg = caption.CaptionConfig(
+                input=f"{root}/images/", output=str(workdir / "captions"), model={"preset": preset},
+                sampling=SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens),
+                batch_size=batch_size, unit_size=max(batch_size, 64), num_gpus=1 if gpu else 0,
+                cpus_per_actor=1, concurrency=[1], preprocess_cpus=1, log_every=30)
+            s = caption.run(cfg, say=lambda line: print(line, flush=True))
+        finally:
+            ray.shutdown()
+    return {"images_per_s": s["images_per_second"], "tokens_per_s": s["generated_tokens_per_second"],
+            "tokens": s["generated_tokens"], "seconds": s["wall_seconds"],
+            "first_captions_seconds": s["first_captions_seconds"], "storage": where}
 
 
 def table(by_batch: dict, job: dict | None, args, name: str) -> str:
@@ -194,8 +192,9 @@ def table(by_batch: dict, job: dict | None, args, name: str) -> str:
                          f"{r['ttft_s']:.3f} | {cell(r['peak_gpu_gib'], '.1f')} | {r['tokens_per_s'] / best_hf:.2f}x |")
     if job:
         lines += [f"| {JOB} | {max(by_batch)} | {job['images_per_s']:.2f} | {job['tokens_per_s']:.1f} | — | — | — |",
-                  "", f"The job's {job['seconds']:.1f} s include {job['first_captions_seconds']:.1f} s before "
-                  "the first captions reached the driver (listing, actor start-up, model load)."]
+                  "", f"The job read {args.job_images} JPEGs from {job['storage']}; its {job['seconds']:.1f} s include "
+                  f"{job['first_captions_seconds']:.1f} s before the first captions reached the driver (listing, "
+                  "actor start-up, model load)."]
     return "\n".join(lines)
 
 
@@ -237,6 +236,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=128 if gpu else 32)
     ap.add_argument("--batches", type=int, default=3)
     ap.add_argument("--job-images", type=int, default=512 if gpu else 256, help="0 skips the job row")
+    ap.add_argument("--storage", choices=STORAGE, default="auto",
+                    help="the job's images: a local S3 server, local files, or auto (S3 where boto3 and moto import)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
 
@@ -258,7 +259,7 @@ def main(argv=None) -> int:
     job = None
     if args.job_images:
         with tempfile.TemporaryDirectory() as tmp:
-            job = job_row(args.preset, args.job_images, largest, args.new_tokens, gpu, Path(tmp))
+            job = job_row(args.preset, args.job_images, largest, args.new_tokens, gpu, Path(tmp), args.storage)
     w, whole = detok["windowed"], detok["whole sequence"]
     note = (f"\n\nText of each generated token on the host (detokenize, stop strings, UTF-8 hold-back), batch "
             f"{largest} x {args.new_tokens} tokens: {w['us_per_token']:.1f} us a token decoding the newest tokens, "

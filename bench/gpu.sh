@@ -17,8 +17,11 @@
 # call ends inside the device's 10-minute limit, and a bench that fails does not stop the next one.
 # Tables, JSON and logs go to $OUT (or bench/results when $OUT is unset); the last lines printed are
 # the tables and each bench's exit status. Arguments after the call's name go to each of its benches.
-# On a machine without a GPU the benches run their CPU variants (tiny preset): CI runs
-# `bench/gpu.sh quant` that way (tests/test_quantize.py), which keeps this script working.
+# The GPU image has no boto3 or moto, so the train_step and caption jobs read local files there
+# (their --storage auto). On a machine without a GPU the benches run their CPU variants (tiny preset):
+# CI runs `bench/gpu.sh quant` that way (tests/test_quantize.py), which keeps this script working,
+# and the tests run every bench with only the modules the GPU box has in its call
+# (tests/gpu_image/sitecustomize.py hides the rest).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:?usage: bench/gpu.sh train|quant|serve [bench arguments]}

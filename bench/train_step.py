@@ -10,7 +10,8 @@ Rows of the table:
   in-memory batch of random pixels and caption-length token ids reused every step: compute only,
   no data loading, no DeepSpeed. This is the ≈ 180 samples/s baseline of DESIGN.md on an H100.
 - `Ray Train + DeepSpeed job`: `minigpt4.train.run` exactly as `jobs/pretrain.py` runs it: one
-  worker, synthetic shards at the model's image size served by a local S3 server, streamed through
+  worker, synthetic shards at the model's image size served by a local S3 server (or local files:
+  `--storage`; the GPU image has no boto3 or moto), streamed through
   the Ray Data pipeline, ZeRO-2, checkpoint at the end. Its samples/s is the median of the job's own
   log windows after the first (which includes start-up).
 - `naive eager loop, captions of 4-32 tokens` / `..., length-bucketed (x8)`: the naive loop on
@@ -36,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import machine, write_results  # bench/ is the script's directory, first on sys.path
+from _common import STORAGE, job_storage, machine, write_results  # bench/ is the script's directory, first on sys.path
 
 
 def caption_lengths(n: int, lo: int, hi: int, seed: int = 0) -> list[int]:
@@ -130,27 +131,30 @@ def naive_loop(cfg, batch_size: int, text_tokens: int, steps: int, warmup: int, 
             "padding": padding}
 
 
-def ray_jobs(preset: str, batch_size: int, steps: int, use_gpu: bool, image_size: int,
-             workdir: Path) -> tuple[dict, dict]:
+def ray_jobs(preset: str, batch_size: int, steps: int, use_gpu: bool, image_size: int, workdir: Path,
+             storage: str) -> tuple[dict, dict, str]:
     """The Ray Train job from pixels, the feature job over the same shards, then the Ray Train job from its
-    features: one local S3 server and one Ray session. Returns (rows by label, the feature job's summary)."""
+    features: one storage (`job_storage`) and one Ray session. Returns (rows by label, the feature job's
+    summary, where the data was)."""
+    with job_storage(storage, workdir) as (root, where, env):
+        return (*_ray_jobs(root, env, preset, batch_size, steps, use_gpu, image_size, workdir), where)
+
+
+def _ray_jobs(root: str, env: dict, preset: str, batch_size: int, steps: int, use_gpu: bool, image_size: int,
+              workdir: Path) -> tuple[dict, dict]:
     import ray
 
     from minigpt4.config import from_dict
     from minigpt4.features import FeaturesConfig
     from minigpt4.features import run as run_features
-    from minigpt4.s3server import LocalS3
     from minigpt4.synthetic import write_dataset
     from minigpt4.train import JobConfig, run
 
-    server = LocalS3().start()
-    server.apply_env()
-    server.create_bucket("bench")
     per_shard = 64
     shards = max(2, -(-batch_size * min(steps, 20) // per_shard))  # epochs restart at most every ~20 steps
-    write_dataset("s3://bench/syn", train_shards=shards, samples_per_shard=per_shard, align_samples=0,
+    write_dataset(f"{root}/syn", train_shards=shards, samples_per_shard=per_shard, align_samples=0,
                   heldout_samples=0, image_size=image_size, progress=False)
-    pattern = f"s3://bench/syn/pretrain/{{00000..{shards - 1:05d}}}.tar"
+    pattern = f"{root}/syn/pretrain/{{00000..{shards - 1:05d}}}.tar"
     log_every = max(1, steps // 5)
 
     def train(source: dict, name: str) -> dict:
@@ -175,20 +179,19 @@ def ray_jobs(preset: str, batch_size: int, steps: int, use_gpu: bool, image_size
                 "windows": [round(h["samples_per_s"], 1) for h in history]}
 
     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": server.env()})
+             runtime_env={"env_vars": env})
     try:
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False
         rows = {"Ray Train + DeepSpeed job": train({"path": pattern, "name": "syn"}, "pixels")}
         # the feature job on the same shards (GPU actor when there is one, bf16 autocast), then stage 1 from it
-        features = run_features(FeaturesConfig(input=pattern, output="s3://bench/features/", model={"preset": preset},
+        features = run_features(FeaturesConfig(input=pattern, output=f"{root}/features/", model={"preset": preset},
                                                batch_size=batch_size, log_every=30.0), say=lambda _: None)
         rows["Ray Train + DeepSpeed job, cached features"] = train(
-            {"path": "s3://bench/features/", "format": "features", "name": "syn"}, "features")
+            {"path": f"{root}/features/", "format": "features", "name": "syn"}, "features")
     finally:
         ray.shutdown()
-        server.stop()
     return rows, features
 
 
@@ -205,6 +208,8 @@ def main(argv=None) -> int:
     ap.add_argument("--caption-tokens", type=int, nargs=2, default=(4, 32), metavar=("MIN", "MAX"),
                     help="caption lengths (uniform) of the padded and the length-bucketed rows")
     ap.add_argument("--buckets", type=int, default=8, help="batches per sorted read (train.length_buckets)")
+    ap.add_argument("--storage", choices=STORAGE, default="auto",
+                    help="the jobs' data: a local S3 server, local files, or auto (S3 where boto3 and moto import)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
 
@@ -223,14 +228,16 @@ def main(argv=None) -> int:
                                  plan)
         print(f"[bench] {label}: {rows[label]['samples_per_s']:.1f} samples/s", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        jobs, features = ray_jobs(args.preset, args.batch_size, args.steps, gpu, cfg.image_size, Path(tmp))
+        jobs, features, where = ray_jobs(args.preset, args.batch_size, args.steps, gpu, cfg.image_size, Path(tmp),
+                                         args.storage)
     # the table's order: each job next to its naive loop; the variable-length pair last
     rows = {k: rows.get(k) or jobs[k] for k in ("naive eager loop", "Ray Train + DeepSpeed job",
                                                  "naive eager loop, cached features",
                                                  "Ray Train + DeepSpeed job, cached features",
                                                  padded_label, bucketed_label)}
     base = rows["naive eager loop"]["samples_per_s"]
-    lines = [f"Stage-1 step, preset `{args.preset}`, batch {args.batch_size}/worker, {name}", "",
+    lines = [f"Stage-1 step, preset `{args.preset}`, batch {args.batch_size}/worker, {name}; the jobs read {where}",
+             "",
              "| path | samples/s per worker | vs naive | padded positions | data wait | peak GPU mem (GB) |",
              "|---|---|---|---|---|---|"]
     for label, r in rows.items():
@@ -245,8 +252,8 @@ def main(argv=None) -> int:
               f"{features['bytes_per_image'] / 1024:.1f} KB per image ({features['feature_shape'][0]} x "
               f"{features['feature_shape'][1]} {features['dtype']})."]
     write_results(args.out, "train_step", "\n".join(lines),
-                  {"preset": args.preset, "batch_size": args.batch_size, "device": name, "rows": rows,
-                   "feature_job": features})
+                  {"preset": args.preset, "batch_size": args.batch_size, "device": name, "storage": where,
+                   "rows": rows, "feature_job": features})
     return 0
 
 

@@ -47,6 +47,25 @@ def s3_bucket(s3_endpoint, request):
     return name
 
 
+# What the lent GPU box lacks during each bench/gpu.sh call: its image has no boto3 or moto, and a call
+# carries one wheel bundle of ../shared/device/pack-wheels.sh (train: ray + deepspeed; serve: ray +
+# ray[serve]; quant: bitsandbytes). See ../shared/ENVIRONMENT.md.
+GPU_IMAGE_LACKS = ("boto3", "botocore", "s3transfer", "moto")
+BUNDLE_LACKS = {
+    "train": ("bitsandbytes", "fastapi", "starlette", "uvicorn"),
+    "serve": ("bitsandbytes", "deepspeed", "tensorboardX", "hjson"),
+    "quant": ("ray", "deepspeed", "fastapi", "starlette", "uvicorn", "tensorboardX", "hjson", "pydantic"),
+}
+
+
+def gpu_image_env(bundle: str) -> dict:
+    """The environment of a bench subprocess that sees only what the GPU box has during a
+    `bench/gpu.sh <bundle>` call (tests/gpu_image/sitecustomize.py hides the rest, in Ray's workers too)."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_image")
+    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "MINIGPT4_ABSENT": ",".join(GPU_IMAGE_LACKS + BUNDLE_LACKS[bundle])}
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from minigpt4.tokenizer import load_tokenizer

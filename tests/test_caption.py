@@ -231,7 +231,9 @@ def test_caption_cli_embedded_default_and_errors(tmp_path):
 
 
 def test_caption_bench_runs_on_cpu_and_writes_its_table(tmp_path):
-    """bench/caption.py (the GPU benchmark at real sizes) must keep working: on CPU it runs the tiny preset."""
+    """bench/caption.py (the GPU benchmark at real sizes) must keep working: on CPU it runs the tiny preset.
+    Its job reads a local S3 server here (`--storage auto` with boto3 and moto installed); the train-step
+    bench's test covers local files, what the GPU box gets."""
     run = subprocess.run([sys.executable, "bench/caption.py", "--batches", "1", "--batch-size", "4", "--new-tokens",
                           "4", "--job-images", "16", "--out", str(tmp_path)], cwd=REPO, capture_output=True,
                          text=True, timeout=300)
@@ -242,6 +244,7 @@ def test_caption_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     report = json.loads((tmp_path / "caption.json").read_text())
     rows = report["rows"]
     assert rows["our engine"]["tokens"] == rows["HF generate (dynamic cache)"]["tokens"] == 4 * 4
+    assert rows["caption job (end to end)"]["storage"] == "a local S3 server"
     detok = report["detokenize"]  # the host's text cost per token, both ways, under the table
     assert set(detok) == {"windowed", "whole sequence"} and all(d["us_per_token"] > 0 for d in detok.values())
     assert "us a token decoding the newest tokens" in table

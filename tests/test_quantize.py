@@ -243,10 +243,11 @@ def test_load_pretrained_quantizes_the_llm_and_loads_a_minigpt4_checkpoint(tmp_p
 def test_quantize_bench_runs_on_cpu(tmp_path):
     """bench/quantize.py (the GPU benchmark at real sizes) must keep working: on CPU, the tiny preset;
     the bitsandbytes rows run where bitsandbytes does, and are skipped with a reason elsewhere. It runs
-    through bench/gpu.sh, the device-call script, which must keep working too."""
-    import os
+    through bench/gpu.sh, the device-call script, which must keep working too, with only what the GPU box
+    has in that call (no ray, deepspeed, boto3 or moto)."""
+    from conftest import gpu_image_env
 
-    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    env = {**gpu_image_env("quant"), "OUT": str(tmp_path), "PYTHON": sys.executable}
     run = subprocess.run(["bash", "bench/gpu.sh", "quant", "--batch-size", "1", "2", "--new-tokens", "4"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "quantize: exit 0 in" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]

@@ -187,14 +187,18 @@ def test_overload_answers_503_instead_of_queueing(server):
 
 
 def test_serve_bench_runs_on_cpu_and_writes_its_table(tmp_path):
-    """bench/serve.py (the GPU benchmark at real sizes) must keep working: on CPU it runs the tiny preset."""
+    """bench/serve.py (the GPU benchmark at real sizes) must keep working: on CPU it runs the tiny preset,
+    with only what the GPU box has in a `bench/gpu.sh serve` call (no boto3, moto, deepspeed, bitsandbytes)."""
     import subprocess
     import sys
     from pathlib import Path
 
+    from conftest import gpu_image_env
+
     root = Path(__file__).resolve().parents[1]
     run = subprocess.run([sys.executable, "bench/serve.py", "--streams", "1", "2", "--rounds", "1", "--new-tokens", "4",
-                          "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=300)
+                          "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=300,
+                         env=gpu_image_env("serve"))
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     rows = json.loads((tmp_path / "serve.json").read_text())["rows"]
     assert set(rows) == {"serve, 1 streams", "serve, 2 streams", "HF generate, batch 1", "HF generate, batch 2"}

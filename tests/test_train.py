@@ -235,15 +235,20 @@ def test_tensorboard_event_file_format():
 
 def test_train_step_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     """bench/train_step.py (the GPU benchmark at real sizes) must keep working: on CPU it runs the tiny
-    preset through the same two paths."""
+    preset through the same two paths. It runs with only what the GPU box has in a `bench/gpu.sh train`
+    call (no boto3, moto or bitsandbytes): its jobs then read local files."""
     import subprocess
     import sys
 
+    from conftest import gpu_image_env
+
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, str(root / "bench/train_step.py"), "--steps", "6", "--batch-size", "8",
-                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=root)
+                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=root,
+                         env=gpu_image_env("train"))
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "train_step.json").read_text())
+    assert report["storage"] == "local files"
     assert report["preset"] == "tiny" and list(report["rows"]) == [
         "naive eager loop", "Ray Train + DeepSpeed job", "naive eager loop, cached features",
         "Ray Train + DeepSpeed job, cached features", "naive eager loop, captions of 4-32 tokens",
