@@ -62,10 +62,20 @@ def job_storage(kind: str, workdir: Path):
         server.stop()
 
 
-def write_results(out: str, stem: str, table: str, payload: dict) -> None:
-    """Print the table and write `<out>/<stem>.md` (the table) and `<stem>.json` (payload)."""
-    print(table)
+def write_results(out: str, stem: str, table: str, payload: dict, remaining: str | None = None) -> None:
+    """Write `<out>/<stem>.md` (the table) and `<stem>.json` (payload), then print the table.
+
+    The benches call it after every row with `remaining` naming what is still to run: the files then
+    say they are partial, and are not printed. A bench that bench/gpu.sh stops at its timeout (or that
+    fails half-way) so leaves the rows it finished in $OUT, which the device call brings back."""
+    if remaining:
+        table += f"\n\nPartial table: {remaining} had not run when it was written."
     path = Path(out)
     path.mkdir(parents=True, exist_ok=True)
-    (path / f"{stem}.md").write_text(table + "\n")
-    (path / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    for name, text in ((f"{stem}.md", table + "\n"), (f"{stem}.json", json.dumps({**payload, "partial": remaining or None},
+                                                                                    indent=1))):
+        tmp = path / f".{name}.tmp"  # whole files only, even when the timeout lands mid-write
+        tmp.write_text(text)
+        tmp.replace(path / name)
+    if not remaining:
+        print(table)

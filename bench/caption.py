@@ -192,9 +192,9 @@ def table(by_batch: dict, job: dict | None, args, name: str) -> str:
                          f"{r['ttft_s']:.3f} | {cell(r['peak_gpu_gib'], '.1f')} | {r['tokens_per_s'] / best_hf:.2f}x |")
     if job:
         lines += [f"| {JOB} | {max(by_batch)} | {job['images_per_s']:.2f} | {job['tokens_per_s']:.1f} | — | — | — |",
-                  "", f"The job read {args.job_images} JPEGs from {job['storage']}; its {job['seconds']:.1f} s include "
-                  f"{job['first_captions_seconds']:.1f} s before the first captions reached the driver (listing, "
-                  "actor start-up, model load)."]
+                  "", f"The job read {args.job_images} JPEGs from {job['storage']}; its {job['seconds']:.1f} s "
+                  f"include {job['first_captions_seconds']:.1f} s before the first captions reached the driver "
+                  "(listing, actor start-up, model load)."]
     return "\n".join(lines)
 
 
@@ -248,27 +248,35 @@ def main(argv=None) -> int:
     largest = max(args.batch_size)
     detok = detokenize_cost(model.llm, tok, largest, args.new_tokens)
     print(f"[bench] text per generated token (host): {detok}", flush=True)
-    by_batch, same = {}, {}
-    for b in sorted(args.batch_size):
-        by_batch[b], same[b] = engine_rows(model, tok, cfg, b, args.new_tokens, args.batches, device, gpu)
-        print(f"[bench] batch {b}: share of images with our engine's tokens: {same[b]}", flush=True)
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    largest = max(by_batch)
-    job = None
-    if args.job_images:
-        with tempfile.TemporaryDirectory() as tmp:
-            job = job_row(args.preset, args.job_images, largest, args.new_tokens, gpu, Path(tmp), args.storage)
     w, whole = detok["windowed"], detok["whole sequence"]
     note = (f"\n\nText of each generated token on the host (detokenize, stop strings, UTF-8 hold-back), batch "
             f"{largest} x {args.new_tokens} tokens: {w['us_per_token']:.1f} us a token decoding the newest tokens, "
             f"{whole['us_per_token']:.1f} us decoding the whole sequence every step; per decode step of the batch "
             f"{w['ms_per_step']:.2f} ms against {whole['ms_per_step']:.2f} ms.")
-    write_results(args.out, "caption", table(by_batch, job, args, name) + note,
-                  {"preset": args.preset, "new_tokens": args.new_tokens, "device": name, "detokenize": detok,
-                   "rows": by_batch[largest] | ({JOB: job} if job else {}),
-                   "by_batch": by_batch, "same_tokens_as_our_engine": same})
+    by_batch, same, job = {}, {}, None
+
+    def save(remaining: list[str]):
+        ordered = dict(sorted(by_batch.items()))
+        write_results(args.out, "caption", table(ordered, job, args, name) + note,
+                      {"preset": args.preset, "new_tokens": args.new_tokens, "device": name, "detokenize": detok,
+                       "rows": by_batch.get(largest, {}) | ({JOB: job} if job else {}),
+                       "by_batch": ordered, "same_tokens_as_our_engine": same}, ", ".join(remaining))
+
+    # the largest batch (the captioning target) first, then the rest from batch 1 up; the table is saved after
+    # each, so a run stopped by its timeout still leaves the batch sizes it finished
+    order = [largest] + sorted(set(args.batch_size) - {largest})
+    job_left = [f"the caption job ({args.job_images} images)"] if args.job_images else []
+    for i, b in enumerate(order):
+        by_batch[b], same[b] = engine_rows(model, tok, cfg, b, args.new_tokens, args.batches, device, gpu)
+        print(f"[bench] batch {b}: share of images with our engine's tokens: {same[b]}", flush=True)
+        save([f"batch {later}" for later in order[i + 1:]] + job_left)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if args.job_images:
+        with tempfile.TemporaryDirectory() as tmp:
+            job = job_row(args.preset, args.job_images, largest, args.new_tokens, gpu, Path(tmp), args.storage)
+        save([])
     exact = cfg.llm_dtype == "fp32"
     if exact and any(share != 1 for shares in same.values() for share in shares.values()):
         print("[bench] FAILED: in fp32 every path must give our engine's tokens", file=sys.stderr)

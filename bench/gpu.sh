@@ -16,7 +16,9 @@
 # Each bench runs under its own timeout (seconds: TRAIN_STEP_S, CAPTION_S, QUANTIZE_S, SERVE_S) so a
 # call ends inside the device's 10-minute limit, and a bench that fails does not stop the next one.
 # Tables, JSON and logs go to $OUT (or bench/results when $OUT is unset); the last lines printed are
-# the tables and each bench's exit status. Arguments after the call's name go to each of its benches.
+# the tables and each bench's exit status. Each bench rewrites its table after every row, so one that
+# times out still leaves (and prints here) the rows it finished, marked partial. Arguments after the
+# call's name go to each of its benches.
 # The GPU image has no boto3 or moto, so the train_step and caption jobs read local files there
 # (their --storage auto). On a machine without a GPU the benches run their CPU variants (tiny preset):
 # CI runs `bench/gpu.sh quant` that way (tests/test_quantize.py), which keeps this script working,
@@ -52,6 +54,8 @@ bench() {  # bench NAME SECONDS SCRIPT ARGS...: one bench, its own timeout and l
   local rc=$?
   status+=("$name: exit $rc in $((SECONDS - t0)) s$([ $rc = 124 ] && echo ' (timed out)')")
   [ $rc = 0 ] || tail -n 40 "$out/$name.log"  # the table comes below; a failure shows its log's end
+  # a bench killed at its timeout may leave its local Ray cluster (and a worker's GPU memory) behind
+  [ $rc = 0 ] || timeout 60 $PY -m ray.scripts.scripts stop --force >/dev/null 2>&1 || true
 }
 
 case "$what" in

@@ -211,10 +211,16 @@ def main(argv=None) -> int:
           f"{args.new_tokens} new tokens, {name}", flush=True)
     tok = load_tokenizer()
     rows, skipped, reference = {}, {}, {}
+
+    def save(later: list[str]):
+        write_results(args.out, "quantize", table(rows, skipped, baseline, args, name),
+                      {"preset": args.preset, "new_tokens": args.new_tokens, "device": name, "baseline": baseline,
+                       "rows": rows, "skipped": skipped}, ", ".join(LABELS.get(p, baseline) for p in later))
+
     with tempfile.TemporaryDirectory() as directory:
         save_random_llm(cfg, device, directory)
         free(device)
-        for path in paths:
+        for i, path in enumerate(paths):
             label = LABELS.get(path, baseline)
             reason = unavailable(path)
             if reason is None:
@@ -228,15 +234,13 @@ def main(argv=None) -> int:
                 free(device)  # out of the except block: its traceback no longer holds the row's model
                 print(f"[bench] skipping {label}: {reason}", flush=True)
                 skipped[label] = reason
-                continue
-            if path == "none":
-                reference = outputs
-            for b, r in rows[label]["by_batch"].items():
-                r["vs_baseline"] = r["tokens_per_s"] / rows[baseline]["by_batch"][b]["tokens_per_s"]
-                r["same_tokens"] = same_share(outputs[b], reference[b])
-    write_results(args.out, "quantize", table(rows, skipped, baseline, args, name),
-                  {"preset": args.preset, "new_tokens": args.new_tokens, "device": name, "baseline": baseline,
-                   "rows": rows, "skipped": skipped})
+            else:
+                if path == "none":
+                    reference = outputs
+                for b, r in rows[label]["by_batch"].items():
+                    r["vs_baseline"] = r["tokens_per_s"] / rows[baseline]["by_batch"][b]["tokens_per_s"]
+                    r["same_tokens"] = same_share(outputs[b], reference[b])
+            save(paths[i + 1:])  # after every path: a run stopped by its timeout leaves the paths it finished
     return 0
 
 

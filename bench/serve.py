@@ -100,7 +100,9 @@ def stream_once(base: str, model: str, url: str, new_tokens: int) -> tuple[float
     return first or 0.0, time.perf_counter() - t0, tokens
 
 
-def serve_rows(preset: str, streams: list[int], rounds: int, new_tokens: int, gpu: bool) -> dict:
+def serve_rows(preset: str, streams: list[int], rounds: int, new_tokens: int, gpu: bool, rows: dict,
+               on_row=lambda: None) -> None:
+    """One Serve deployment, then each stream count in turn: its row goes into `rows`, then `on_row()`."""
     import socket
 
     import ray
@@ -121,7 +123,6 @@ def serve_rows(preset: str, streams: list[int], rounds: int, new_tokens: int, gp
                                      ray_actor_options={"num_cpus": 1, "num_gpus": 1 if gpu else 0})
     serve.run(dep.bind(to_dict(settings)), name="bench", route_prefix="/")
     base, url = f"http://127.0.0.1:{port}", image_url()
-    rows = {}
     try:
         stream_once(base, settings.model_id, url, 4)  # warm-up
         for n in streams:
@@ -147,10 +148,10 @@ def serve_rows(preset: str, streams: list[int], rounds: int, new_tokens: int, gp
                 "per_stream_tokens_per_s": statistics.median((r[2] - 1) / max(r[1] - r[0], 1e-9) for r in results),
                 "requests": len(results)}
             print(f"[bench] serve {n} streams: {rows[f'serve, {n} streams']['tokens_per_s']:.1f} tok/s", flush=True)
+            on_row()
     finally:
         serve.shutdown()
         ray.shutdown()
-    return rows
 
 
 def main(argv=None) -> int:
@@ -168,16 +169,28 @@ def main(argv=None) -> int:
     cfg, device, name = machine(args.preset)
     print(f"[bench] serving: preset {args.preset}, streams {args.streams}, {args.new_tokens} new tokens, {name}",
           flush=True)
-    rows = serve_rows(args.preset, args.streams, args.rounds, args.new_tokens, gpu)
+    rows: dict[str, dict] = {}
+
+    def save(later: list[str]):
+        lines = [f"Serving, preset `{args.preset}`, {args.new_tokens} new tokens/request, {name}", "",
+                 "| path | aggregate tok/s | per-stream tok/s | median TTFT (s) |", "|---|---:|---:|---:|"]
+        for label, r in rows.items():
+            ttft = f"{r['ttft_s']:.3f}" if r.get("ttft_s") is not None else "-"
+            lines.append(f"| {label} | {r['tokens_per_s']:.1f} | {r['per_stream_tokens_per_s']:.1f} | {ttft} |")
+        write_results(args.out, "serve", "\n".join(lines),
+                      {"preset": args.preset, "new_tokens": args.new_tokens, "device": name, "rows": rows},
+                      ", ".join(later))
+
+    # saved after every row: a run stopped by its timeout leaves the rows it finished
+    labels = [f"serve, {n} streams" for n in args.streams] + [f"HF generate, batch {n}" for n in args.streams]
+
+    def saved():
+        save([label for label in labels if label not in rows])
+
+    serve_rows(args.preset, args.streams, args.rounds, args.new_tokens, gpu, rows, on_row=saved)
     for n in args.streams:
         rows[f"HF generate, batch {n}"] = hf_row(cfg, n, args.new_tokens, device)
-    lines = [f"Serving, preset `{args.preset}`, {args.new_tokens} new tokens/request, {name}", "",
-             "| path | aggregate tok/s | per-stream tok/s | median TTFT (s) |", "|---|---:|---:|---:|"]
-    for label, r in rows.items():
-        ttft = f"{r['ttft_s']:.3f}" if r.get("ttft_s") is not None else "-"
-        lines.append(f"| {label} | {r['tokens_per_s']:.1f} | {r['per_stream_tokens_per_s']:.1f} | {ttft} |")
-    write_results(args.out, "serve", "\n".join(lines),
-                  {"preset": args.preset, "new_tokens": args.new_tokens, "device": name, "rows": rows})
+        saved()
     return 0
 
 

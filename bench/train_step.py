@@ -131,41 +131,83 @@ def naive_loop(cfg, batch_size: int, text_tokens: int, steps: int, warmup: int, 
             "padding": padding}
 
 
-def ray_jobs(preset: str, batch_size: int, steps: int, use_gpu: bool, image_size: int, workdir: Path,
-             storage: str) -> tuple[dict, dict, str]:
-    """The Ray Train job from pixels, the feature job over the same shards, then the Ray Train job from its
-    features: one storage (`job_storage`) and one Ray session. Returns (rows by label, the feature job's
-    summary, where the data was)."""
-    with job_storage(storage, workdir) as (root, where, env):
-        return (*_ray_jobs(root, env, preset, batch_size, steps, use_gpu, image_size, workdir), where)
+NAIVE, JOB = "naive eager loop", "Ray Train + DeepSpeed job"
+NAIVE_FEATURES, JOB_FEATURES = f"{NAIVE}, cached features", f"{JOB}, cached features"
 
 
-def _ray_jobs(root: str, env: dict, preset: str, batch_size: int, steps: int, use_gpu: bool, image_size: int,
-              workdir: Path) -> tuple[dict, dict]:
-    import ray
+class RayJobs:
+    """The Ray Train jobs of the table over one storage (`job_storage`) holding the synthetic shards: from
+    pixels, and from the features that the feature job writes from the same shards. Ray runs only while a
+    job does, so the naive loops in between have the machine to themselves."""
 
-    from minigpt4.config import from_dict
-    from minigpt4.features import FeaturesConfig
-    from minigpt4.features import run as run_features
-    from minigpt4.synthetic import write_dataset
-    from minigpt4.train import JobConfig, run
+    def __init__(self, preset: str, batch_size: int, steps: int, use_gpu: bool, image_size: int, workdir: Path,
+                 storage: str):
+        self.preset, self.batch_size, self.steps, self.use_gpu = preset, batch_size, steps, use_gpu
+        self.image_size, self.workdir, self.storage = image_size, workdir, storage
+        self.feature_job: dict | None = None
 
-    per_shard = 64
-    shards = max(2, -(-batch_size * min(steps, 20) // per_shard))  # epochs restart at most every ~20 steps
-    write_dataset(f"{root}/syn", train_shards=shards, samples_per_shard=per_shard, align_samples=0,
-                  heldout_samples=0, image_size=image_size, progress=False)
-    pattern = f"{root}/syn/pretrain/{{00000..{shards - 1:05d}}}.tar"
-    log_every = max(1, steps // 5)
+    def __enter__(self):
+        from minigpt4.synthetic import write_dataset
 
-    def train(source: dict, name: str) -> dict:
+        self._storage = job_storage(self.storage, self.workdir)
+        self.root, self.where, self.env = self._storage.__enter__()
+        per_shard = 64
+        shards = max(2, -(-self.batch_size * min(self.steps, 20) // per_shard))  # epochs restart every ~20 steps
+        write_dataset(f"{self.root}/syn", train_shards=shards, samples_per_shard=per_shard, align_samples=0,
+                      heldout_samples=0, image_size=self.image_size, progress=False)
+        self.pattern = f"{self.root}/syn/pretrain/{{00000..{shards - 1:05d}}}.tar"
+        return self
+
+    def __exit__(self, *exc):
+        return self._storage.__exit__(*exc)
+
+    def _ray(self):
+        import ray
+        from ray.data import DataContext
+
+        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": self.env})
+        DataContext.get_current().enable_progress_bars = False
+
+    def from_pixels(self) -> dict:
+        import ray
+
+        self._ray()
+        try:
+            return self._train({"path": self.pattern, "name": "syn"}, "pixels")
+        finally:
+            ray.shutdown()
+
+    def from_features(self) -> dict:
+        """The feature job on the same shards (a GPU actor when there is one, bf16 autocast), then stage 1
+        from its output; the feature job's summary goes to `self.feature_job`."""
+        import ray
+
+        from minigpt4.features import FeaturesConfig
+        from minigpt4.features import run as run_features
+
+        self._ray()
+        try:
+            self.feature_job = run_features(
+                FeaturesConfig(input=self.pattern, output=f"{self.root}/features/", model={"preset": self.preset},
+                               batch_size=self.batch_size, log_every=30.0), say=lambda _: None)
+            return self._train({"path": f"{self.root}/features/", "format": "features", "name": "syn"}, "features")
+        finally:
+            ray.shutdown()
+
+    def _train(self, source: dict, name: str) -> dict:
+        from minigpt4.config import from_dict
+        from minigpt4.train import JobConfig, run
+
         job = from_dict(JobConfig, {
-            "model": {"preset": preset},
-            "data": {"sources": [source], "errors": str(workdir / name / "errors")},
-            "train": dict(stage=1, num_workers=1, use_gpu=use_gpu, cpus_per_worker=1, batch_size=batch_size,
-                          epochs=1, iters_per_epoch=steps, warmup_steps=steps, log_every=log_every,
-                          checkpoint_every=steps, precision="bf16" if use_gpu else "fp32", zero_stage=2,
-                          storage_path=str(workdir / name),
-                          torch_threads=0 if use_gpu else min(os.cpu_count() or 1, 8)),
+            "model": {"preset": self.preset},
+            "data": {"sources": [source], "errors": str(self.workdir / name / "errors")},
+            "train": dict(stage=1, num_workers=1, use_gpu=self.use_gpu, cpus_per_worker=1, batch_size=self.batch_size,
+                          epochs=1, iters_per_epoch=self.steps, warmup_steps=self.steps,
+                          log_every=max(1, self.steps // 5), checkpoint_every=self.steps,
+                          precision="bf16" if self.use_gpu else "fp32", zero_stage=2,
+                          storage_path=str(self.workdir / name),
+                          torch_threads=0 if self.use_gpu else min(os.cpu_count() or 1, 8)),
         })
         t = time.perf_counter()
         result = run(job)
@@ -178,21 +220,25 @@ def _ray_jobs(root: str, env: dict, preset: str, batch_size: int, steps: int, us
                 "gpu_mem_gb": history[-1].get("gpu_mem_gb"),
                 "windows": [round(h["samples_per_s"], 1) for h in history]}
 
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": env})
-    try:
-        from ray.data import DataContext
 
-        DataContext.get_current().enable_progress_bars = False
-        rows = {"Ray Train + DeepSpeed job": train({"path": pattern, "name": "syn"}, "pixels")}
-        # the feature job on the same shards (GPU actor when there is one, bf16 autocast), then stage 1 from it
-        features = run_features(FeaturesConfig(input=pattern, output=f"{root}/features/", model={"preset": preset},
-                                               batch_size=batch_size, log_every=30.0), say=lambda _: None)
-        rows["Ray Train + DeepSpeed job, cached features"] = train(
-            {"path": f"{root}/features/", "format": "features", "name": "syn"}, "features")
-    finally:
-        ray.shutdown()
-    return rows, features
+def table(rows: dict, padded: str, bucketed: str, feature_job: dict | None, head: str) -> str:
+    """The rows so far, each against the naive loop (the bucketed row against the padded one)."""
+    lines = [head, "", "| path | samples/s per worker | vs naive | padded positions | data wait | peak GPU mem (GB) |",
+             "|---|---|---|---|---|---|"]
+    for label, r in rows.items():
+        mem = f"{r['gpu_mem_gb']:.1f}" if r.get("gpu_mem_gb") else "-"
+        wait = f"{100 * r['data_wait']:.0f}%" if "data_wait" in r else "-"
+        pad = f"{100 * r['padding']:.0f}%" if r.get("padding") is not None else "-"
+        ref, suffix = (rows.get(padded), " vs padded") if label == bucketed else (rows.get(NAIVE), "")
+        vs = f"{r['samples_per_s'] / ref['samples_per_s']:.2f}x{suffix}" if ref else "-"
+        lines.append(f"| {label} | {r['samples_per_s']:.1f} | {vs} | {pad} | {wait} | {mem} |")
+    if feature_job:
+        f = feature_job
+        lines += ["", f"Feature job (once, before the cached-features job): {f['images_encoded']:,} images in "
+                  f"{f['wall_seconds']:.1f}s, {f['images_per_second']:.1f} images/s on one encoder actor, "
+                  f"{f['bytes_per_image'] / 1024:.1f} KB per image ({f['feature_shape'][0]} x "
+                  f"{f['feature_shape'][1]} {f['dtype']})."]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -214,46 +260,34 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     cfg, device, name = machine(args.preset)
-    print(f"[bench] stage-1 step: preset {args.preset}, batch {args.batch_size}, {args.steps} steps, {name}", flush=True)
-    rows = {}
+    print(f"[bench] stage-1 step: preset {args.preset}, batch {args.batch_size}, {args.steps} steps, {name}",
+          flush=True)
     lo, hi = args.caption_tokens
     lengths = caption_lengths(args.batch_size * args.buckets * -(-(args.warmup + args.steps) // args.buckets), lo, hi)
-    padded_label = f"naive eager loop, captions of {lo}-{hi} tokens"
-    bucketed_label = f"{padded_label}, length-bucketed (x{args.buckets})"
-    for label, features, plan in (
-            ("naive eager loop", False, None), ("naive eager loop, cached features", True, None),
-            (padded_label, False, length_batches(lengths, args.batch_size, 1)),
-            (bucketed_label, False, length_batches(lengths, args.batch_size, args.buckets))):
-        rows[label] = naive_loop(cfg, args.batch_size, args.text_tokens, args.steps, args.warmup, device, features,
-                                 plan)
-        print(f"[bench] {label}: {rows[label]['samples_per_s']:.1f} samples/s", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        jobs, features, where = ray_jobs(args.preset, args.batch_size, args.steps, gpu, cfg.image_size, Path(tmp),
-                                         args.storage)
-    # the table's order: each job next to its naive loop; the variable-length pair last
-    rows = {k: rows.get(k) or jobs[k] for k in ("naive eager loop", "Ray Train + DeepSpeed job",
-                                                 "naive eager loop, cached features",
-                                                 "Ray Train + DeepSpeed job, cached features",
-                                                 padded_label, bucketed_label)}
-    base = rows["naive eager loop"]["samples_per_s"]
-    lines = [f"Stage-1 step, preset `{args.preset}`, batch {args.batch_size}/worker, {name}; the jobs read {where}",
-             "",
-             "| path | samples/s per worker | vs naive | padded positions | data wait | peak GPU mem (GB) |",
-             "|---|---|---|---|---|---|"]
-    for label, r in rows.items():
-        mem = f"{r['gpu_mem_gb']:.1f}" if r.get("gpu_mem_gb") else "-"
-        wait = f"{100 * r['data_wait']:.0f}%" if "data_wait" in r else "-"
-        pad = f"{100 * r['padding']:.0f}%" if r.get("padding") is not None else "-"
-        vs = (f"{r['samples_per_s'] / rows[padded_label]['samples_per_s']:.2f}x vs padded" if label == bucketed_label
-              else f"{r['samples_per_s'] / base:.2f}x")
-        lines.append(f"| {label} | {r['samples_per_s']:.1f} | {vs} | {pad} | {wait} | {mem} |")
-    lines += ["", f"Feature job (once, before the cached-features job): {features['images_encoded']:,} images in "
-              f"{features['wall_seconds']:.1f}s, {features['images_per_second']:.1f} images/s on one encoder actor, "
-              f"{features['bytes_per_image'] / 1024:.1f} KB per image ({features['feature_shape'][0]} x "
-              f"{features['feature_shape'][1]} {features['dtype']})."]
-    write_results(args.out, "train_step", "\n".join(lines),
-                  {"preset": args.preset, "batch_size": args.batch_size, "device": name, "storage": where,
-                   "rows": rows, "feature_job": features})
+    padded = f"{NAIVE}, captions of {lo}-{hi} tokens"
+    bucketed = f"{padded}, length-bucketed (x{args.buckets})"
+
+    def naive(features: bool = False, plan: list[list[int]] | None = None):
+        return lambda: naive_loop(cfg, args.batch_size, args.text_tokens, args.steps, args.warmup, device, features,
+                                  plan)
+
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp, RayJobs(args.preset, args.batch_size, args.steps, gpu,
+                                                       cfg.image_size, Path(tmp), args.storage) as jobs:
+        # each job right after its naive loop, the pair the targets are about first; every row is saved as
+        # it ends, so a run stopped by its timeout still leaves the rows it finished
+        plan = [(NAIVE, naive()), (JOB, jobs.from_pixels), (NAIVE_FEATURES, naive(features=True)),
+                (JOB_FEATURES, jobs.from_features), (padded, naive(plan=length_batches(lengths, args.batch_size, 1))),
+                (bucketed, naive(plan=length_batches(lengths, args.batch_size, args.buckets)))]
+        head = (f"Stage-1 step, preset `{args.preset}`, batch {args.batch_size}/worker, {name}; "
+                f"the jobs read {jobs.where}")
+        for i, (label, measure) in enumerate(plan):
+            rows[label] = measure()
+            print(f"[bench] {label}: {rows[label]['samples_per_s']:.1f} samples/s", flush=True)
+            remaining = ", ".join(f"`{later}`" for later, _ in plan[i + 1:])
+            write_results(args.out, "train_step", table(rows, padded, bucketed, jobs.feature_job, head),
+                          {"preset": args.preset, "batch_size": args.batch_size, "device": name,
+                           "storage": jobs.where, "rows": rows, "feature_job": jobs.feature_job}, remaining)
     return 0
 
 

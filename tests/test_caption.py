@@ -243,6 +243,7 @@ def test_caption_bench_runs_on_cpu_and_writes_its_table(tmp_path):
         assert f"| {row} |" in table
     report = json.loads((tmp_path / "caption.json").read_text())
     rows = report["rows"]
+    assert report["partial"] is None and list(report["by_batch"]) == ["4"]
     assert rows["our engine"]["tokens"] == rows["HF generate (dynamic cache)"]["tokens"] == 4 * 4
     assert rows["caption job (end to end)"]["storage"] == "a local S3 server"
     detok = report["detokenize"]  # the host's text cost per token, both ways, under the table

@@ -255,7 +255,7 @@ def test_quantize_bench_runs_on_cpu(tmp_path):
     run.stdout = (tmp_path / "quantize.log").read_text()  # the bench's own output
     result = json.loads((tmp_path / "quantize.json").read_text())
     rows, skipped = result["rows"], result["skipped"]
-    assert result["baseline"] == "fp32" and list(rows)[:2] == ["fp32", "int8wo (ours)"]
+    assert result["baseline"] == "fp32" and list(rows)[:2] == ["fp32", "int8wo (ours)"] and result["partial"] is None
     assert set(rows) | set(skipped) == {"fp32", "int8wo (ours)", "bitsandbytes LLM.int8", "bitsandbytes NF4"}
     assert all(f"skipping {label}: {reason}" in run.stdout for label, reason in skipped.items())
     base, ours = rows["fp32"], rows["int8wo (ours)"]
@@ -266,3 +266,23 @@ def test_quantize_bench_runs_on_cpu(tmp_path):
             assert r["tokens_per_s"] > 0 and r["ttft_s"] > 0 and 0 <= r["same_tokens"] <= 1
     assert base["by_batch"]["1"]["same_tokens"] == 1 and base["by_batch"]["2"]["vs_baseline"] == 1
     assert "| int8wo (ours) | 2 |" in (tmp_path / "quantize.md").read_text()
+
+
+def test_bench_results_are_rewritten_after_every_row(tmp_path, capsys):
+    """The benches save their table after every row (bench/_common.write_results): until the last row the
+    files say what had not run, so a bench stopped by bench/gpu.sh's timeout leaves the rows it finished."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from _common import write_results
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    write_results(str(tmp_path), "b", "| row 1 |", {"rows": {"1": 1}}, remaining="`row 2`")
+    assert "Partial table: `row 2` had not run" in (tmp_path / "b.md").read_text()
+    assert json.loads((tmp_path / "b.json").read_text()) == {"rows": {"1": 1}, "partial": "`row 2`"}
+    assert capsys.readouterr().out == ""  # a partial table is not printed
+    write_results(str(tmp_path), "b", "| row 1 |\n| row 2 |", {"rows": {"1": 1, "2": 2}})
+    assert (tmp_path / "b.md").read_text() == "| row 1 |\n| row 2 |\n"
+    assert json.loads((tmp_path / "b.json").read_text())["partial"] is None
+    assert "| row 2 |" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.json", "b.md"]  # no temporary files left
+

@@ -200,7 +200,9 @@ def test_serve_bench_runs_on_cpu_and_writes_its_table(tmp_path):
                           "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=300,
                          env=gpu_image_env("serve"))
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    rows = json.loads((tmp_path / "serve.json").read_text())["rows"]
+    report = json.loads((tmp_path / "serve.json").read_text())
+    rows = report["rows"]
+    assert report["partial"] is None
     assert set(rows) == {"serve, 1 streams", "serve, 2 streams", "HF generate, batch 1", "HF generate, batch 2"}
     assert rows["serve, 2 streams"]["requests"] == 2 and rows["serve, 1 streams"]["tokens_per_s"] > 0
     assert "| serve, 2 streams |" in (tmp_path / "serve.md").read_text()

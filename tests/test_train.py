@@ -248,7 +248,7 @@ def test_train_step_bench_runs_on_cpu_and_writes_its_table(tmp_path):
                          env=gpu_image_env("train"))
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((tmp_path / "train_step.json").read_text())
-    assert report["storage"] == "local files"
+    assert report["storage"] == "local files" and report["partial"] is None
     assert report["preset"] == "tiny" and list(report["rows"]) == [
         "naive eager loop", "Ray Train + DeepSpeed job", "naive eager loop, cached features",
         "Ray Train + DeepSpeed job, cached features", "naive eager loop, captions of 4-32 tokens",
