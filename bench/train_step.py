@@ -73,7 +73,7 @@ def naive_loop(cfg, batch_size: int, text_tokens: int, steps: int, warmup: int, 
     import torch
 
     from minigpt4.model import IMAGE_TOKEN_ID, build_model
-    from minigpt4.train import param_groups
+    from minigpt4.train import flops_per_sample, param_groups, peak_flops
 
     torch.manual_seed(0)
     model = build_model(cfg, device=device)
@@ -123,12 +123,17 @@ def naive_loop(cfg, batch_size: int, text_tokens: int, steps: int, warmup: int, 
     dt = time.perf_counter() - t
     mem = torch.cuda.max_memory_allocated() / 2**30 if use_cuda else None
     timed = [batches[i % len(batches)] for i in range(warmup, warmup + steps)]
-    padding = 1 - sum(int(b["attention_mask"].sum()) for b in timed) / sum(b["attention_mask"].numel() for b in timed)
+    real = sum(int(b["attention_mask"].sum()) for b in timed)
+    padding = 1 - real / sum(b["attention_mask"].numel() for b in timed)
+    # MFU as the job counts it: the work of the real tokens ([BOS] + caption), no encoder from features
+    text_tokens = (real - n_img * batch_size * steps) / (batch_size * steps)
+    peak = peak_flops(device)
+    flops = flops_per_sample(cfg, text_tokens, model.parameter_counts(), features) * steps * batch_size
     del model, opt, batches, timed
     if use_cuda:
         torch.cuda.empty_cache()
     return {"samples_per_s": steps * batch_size / dt, "step_ms": 1000 * dt / steps, "gpu_mem_gb": mem,
-            "padding": padding}
+            "padding": padding, "mfu": flops / dt / peak if peak else None}
 
 
 NAIVE, JOB = "naive eager loop", "Ray Train + DeepSpeed job"
@@ -223,15 +228,16 @@ class RayJobs:
 
 def table(rows: dict, padded: str, bucketed: str, feature_job: dict | None, head: str) -> str:
     """The rows so far, each against the naive loop (the bucketed row against the padded one)."""
-    lines = [head, "", "| path | samples/s per worker | vs naive | padded positions | data wait | peak GPU mem (GB) |",
-             "|---|---|---|---|---|---|"]
+    lines = [head, "", "| path | samples/s per worker | vs naive | MFU | padded positions | data wait | "
+             "peak GPU mem (GB) |", "|---|---|---|---|---|---|---|"]
     for label, r in rows.items():
         mem = f"{r['gpu_mem_gb']:.1f}" if r.get("gpu_mem_gb") else "-"
         wait = f"{100 * r['data_wait']:.0f}%" if "data_wait" in r else "-"
         pad = f"{100 * r['padding']:.0f}%" if r.get("padding") is not None else "-"
         ref, suffix = (rows.get(padded), " vs padded") if label == bucketed else (rows.get(NAIVE), "")
         vs = f"{r['samples_per_s'] / ref['samples_per_s']:.2f}x{suffix}" if ref else "-"
-        lines.append(f"| {label} | {r['samples_per_s']:.1f} | {vs} | {pad} | {wait} | {mem} |")
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
+        lines.append(f"| {label} | {r['samples_per_s']:.1f} | {vs} | {mfu} | {pad} | {wait} | {mem} |")
     if feature_job:
         f = feature_job
         lines += ["", f"Feature job (once, before the cached-features job): {f['images_encoded']:,} images in "
