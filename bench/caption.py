@@ -24,7 +24,9 @@ encoder runs once per batch in every row):
   moto): read, decode, preprocess, the actor pool, parquet commit
   (CPU: tiny model; GPU: one actor with the preset at random weights).
 Columns: generated tok/s, images/s, time to first token (a 1-token run of the whole batch: image
-encoding, prefill, first token), peak GPU memory over the timed runs (weights included), and the
+encoding, prefill, first token), peak GPU memory over the timed runs (the model's weights plus what the
+row itself allocated from its warm-up on: its KV cache, CUDA graph pools, activations; not what earlier
+rows left behind, such as transformers' compiled graphs or an earlier engine's cache), and the
 ratio to the best HF row at that batch size. Every path must give our engine's tokens (up to where
 the stop string ends our rows): in fp32 (CPU) any difference fails the run; in bf16 the share of
 identical rows is reported.
@@ -103,10 +105,14 @@ def generators(model, tok, cfg, batch_size: int, device, gpu: bool) -> dict:
     return runs | {OURS_SIMPLE: ours(False), OURS: ours(True)}
 
 
-def measure(run, batch_size: int, new_tokens: int, batches: int, device) -> tuple[dict, list[list[int]]]:
-    """One row: warm-up, time to first token, then `batches` timed runs; returns (row, last run's tokens)."""
+def measure(run, batch_size: int, new_tokens: int, batches: int, device,
+            weights: int = 0) -> tuple[dict, list[list[int]]]:
+    """One row: warm-up, time to first token, then `batches` timed runs; returns (row, last run's tokens).
+    weights: bytes the model's weights hold on the GPU (the peak is they plus what this row adds)."""
     import torch
 
+    cuda = device.type == "cuda"
+    before = torch.cuda.memory_allocated() if cuda else 0  # the weights and what earlier rows still hold
     run(new_tokens)  # warm-up: compilation, cache allocation
     _sync(device)
     t = time.perf_counter()
@@ -120,18 +126,18 @@ def measure(run, batch_size: int, new_tokens: int, batches: int, device) -> tupl
     _sync(device)
     dt = time.perf_counter() - t
     tokens = sum(len(ids) for out in outs for ids in out)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    peak = (weights + torch.cuda.max_memory_allocated() - before) / 2**30 if cuda else None
     return {"images_per_s": batch_size * batches / dt, "tokens_per_s": tokens / dt, "tokens": tokens, "seconds": dt,
             "ttft_s": ttft, "peak_gpu_gib": peak}, outs[-1]
 
 
-def engine_rows(model, tok, cfg, batch_size: int, new_tokens: int, batches: int, device, gpu: bool):
+def engine_rows(model, tok, cfg, batch_size: int, new_tokens: int, batches: int, device, gpu: bool, weights: int = 0):
     """Every row at one batch size; returns (rows, per other path the share of images whose tokens start
     with our engine's: our engine stops at the template's stop string, HF generate runs on)."""
     rows, outputs = {}, {}
     for label, run in generators(model, tok, cfg, batch_size, device, gpu).items():
         try:
-            rows[label], outputs[label] = measure(run, batch_size, new_tokens, batches, device)
+            rows[label], outputs[label] = measure(run, batch_size, new_tokens, batches, device, weights)
         except Exception as e:  # transformers' own compiled path is a baseline, not ours: report, go on
             if label != HF_STATIC:
                 raise
@@ -245,6 +251,7 @@ def main(argv=None) -> int:
     print(f"[bench] captioning: preset {args.preset}, batches {args.batch_size}, {args.new_tokens} new tokens, "
           f"{name}", flush=True)
     model, tok = build(cfg, device)
+    weights = torch.cuda.memory_allocated() if device.type == "cuda" else 0  # nothing else is on the GPU yet
     largest = max(args.batch_size)
     detok = detokenize_cost(model.llm, tok, largest, args.new_tokens)
     print(f"[bench] text per generated token (host): {detok}", flush=True)
@@ -267,7 +274,7 @@ def main(argv=None) -> int:
     order = [largest] + sorted(set(args.batch_size) - {largest})
     job_left = [f"the caption job ({args.job_images} images)"] if args.job_images else []
     for i, b in enumerate(order):
-        by_batch[b], same[b] = engine_rows(model, tok, cfg, b, args.new_tokens, args.batches, device, gpu)
+        by_batch[b], same[b] = engine_rows(model, tok, cfg, b, args.new_tokens, args.batches, device, gpu, weights)
         print(f"[bench] batch {b}: share of images with our engine's tokens: {same[b]}", flush=True)
         save([f"batch {later}" for later in order[i + 1:]] + job_left)
     del model
