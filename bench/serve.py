@@ -9,7 +9,9 @@ Every request streams a chat completion about one image with `min_tokens` = `max
 weights cannot stop early, so every row does the same work). Rows of the table:
 - `serve, N streams`: N clients in threads, each sending `--rounds` requests back to back over HTTP
   (SSE) to one replica; aggregate generated tok/s over the wall time, median time to first token,
-  and per-stream tok/s (tokens after the first / time after the first).
+  and per-stream tok/s (tokens after the first / time after the first). The replica warmed up
+  before it took requests (ServeSettings.warmup_tokens: KV cache allocated, decode step compiled at
+  every width), so no row pays a compile; the start-up, warm-up included, is printed.
 - `HF generate, batch N`: `llm.generate(inputs_embeds=...)` greedy in this process on the same
   prompt embeddings (image encoded once per batch): the in-process baseline without HTTP.
 Results also go to `<out>/serve.json` and `.md`.
@@ -106,6 +108,7 @@ def serve_rows(preset: str, streams: list[int], rounds: int, new_tokens: int, gp
     import socket
 
     import ray
+    import requests
     from ray import serve
 
     from minigpt4.config import from_dict, to_dict
@@ -121,8 +124,13 @@ def serve_rows(preset: str, streams: list[int], rounds: int, new_tokens: int, gp
                                          "max_tokens_limit": max(new_tokens, 300), "batch_wait_ms": 5})
     dep = deployment_class().options(max_ongoing_requests=max(streams) * 2,
                                      ray_actor_options={"num_cpus": 1, "num_gpus": 1 if gpu else 0})
+    t = time.perf_counter()
     serve.run(dep.bind(to_dict(settings)), name="bench", route_prefix="/")
     base, url = f"http://127.0.0.1:{port}", image_url()
+    warm = requests.get(base + "/healthz", timeout=30).json()["warmup"]
+    print(f"[bench] replica up in {time.perf_counter() - t:.1f} s; warm-up {warm['seconds']:.1f} s: KV cache "
+          f"{warm['cache_gib']:.2f} GiB ({warm['slots']} slots x {warm['capacity']}), widths {warm['widths']}, "
+          f"compiled {warm['compiled']}", flush=True)
     try:
         stream_once(base, settings.model_id, url, 4)  # warm-up
         for n in streams:

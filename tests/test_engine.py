@@ -101,6 +101,38 @@ def test_decode_step_compiles_as_one_graph(tiny_model, tiny_tokenizer, embeds, m
     assert out == GenerationEngine(tiny_model.llm, tiny_tokenizer, static=False).generate(embeds, params)
 
 
+def test_warmup_compiles_every_width_up_front_and_changes_no_output(tiny_model, tiny_tokenizer, embeds, monkeypatch):
+    """After warmup() no request that fits compiles the decode step again (on a GPU a new width stalls
+    every running sequence for the compile), whatever its batch size, and the tokens are those of an
+    engine that never warmed up."""
+    graphs = []
+
+    def backend(gm, inputs):  # counts what Dynamo compiles; runs the graph as traced
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(generate, "COMPILE_OPTIONS", dict(backend=backend, fullgraph=True))
+    engine = GenerationEngine(tiny_model.llm, tiny_tokenizer, max_slots=8, compile=True)
+    info = engine.warmup(tokens=64)
+    assert (info["slots"], info["capacity"], info["widths"], info["compiled"]) == (8, 64, [1, 2, 4, 8], True)
+    c = engine._cache
+    assert info["cache_gib"] == sum(t.numel() * t.element_size() for t in c.tensors()) / 2**30
+    assert c.lengths.eq(0).all() and not engine.busy and engine.free_slots == 8  # nothing decoded into the slots
+    compiled = len(graphs)
+    assert compiled >= 1
+
+    reference = GenerationEngine(tiny_model.llm, tiny_tokenizer)
+    for n in (1, 3, 2, 8, 5):  # widths 1, 4, 2, 8, 8: each one seen in warm-up
+        prompts = [embeds[i % 3] for i in range(n)]
+        params = [SamplingParams(max_new_tokens=4 + 3 * i) for i in range(n)]
+        assert engine.generate(prompts, params) == reference.generate(prompts, params)
+    assert len(graphs) == compiled  # no compile after warm-up
+    assert engine._cache is c  # nor a cache grown
+
+    with pytest.raises(ValueError, match="static engine"):
+        GenerationEngine(tiny_model.llm, tiny_tokenizer, static=False).warmup()
+
+
 # -- continuous batching in serving -----------------------------------------------------------------
 def test_batcher_admits_a_request_into_the_running_batch(tiny_model, tiny_tokenizer):
     """A request submitted while a long one decodes gets its tokens before the long one ends; each

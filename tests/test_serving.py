@@ -101,8 +101,12 @@ def test_concurrent_requests_share_decode_steps(server):
     for t in threads:
         t.join()
     assert results == [200] * 8
-    steps = requests.get(server + "/healthz", timeout=10).json()["steps"] - before
+    health = requests.get(server + "/healthz", timeout=10).json()
+    steps = health["steps"] - before
     assert steps <= sum(tokens) / 2, f"8 concurrent requests made {sum(tokens)} tokens in {steps} decode steps"
+    # the replica warmed up before its first request: its KV cache for every slot, each batch width run once
+    warm = health["warmup"]
+    assert (warm["slots"], warm["capacity"], warm["widths"]) == (8, 512, [1, 2, 4, 8]) and warm["cache_gib"] > 0
 
 
 def test_web_page_is_self_contained(server):
@@ -206,6 +210,28 @@ def test_serve_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     assert set(rows) == {"serve, 1 streams", "serve, 2 streams", "HF generate, batch 1", "HF generate, batch 2"}
     assert rows["serve, 2 streams"]["requests"] == 2 and rows["serve, 1 streams"]["tokens_per_s"] > 0
     assert "| serve, 2 streams |" in (tmp_path / "serve.md").read_text()
+
+
+def test_warmup_setting(tiny_model, tiny_tokenizer, monkeypatch):
+    """warmup_tokens: the capacity a replica's Batcher warms its engine for (0: none); a cache that does
+    not fit is a startup error that says which settings to lower."""
+    import torch
+
+    from minigpt4.generate import GenerationEngine
+    from minigpt4.serving import Batcher, ServeSettings
+
+    with pytest.raises(ValueError, match="warmup_tokens must be >= 0"):
+        ServeSettings(warmup_tokens=-1)
+    assert Batcher(tiny_model, tiny_tokenizer, max_rows=4, wait_s=0).warmup is None
+    warm = Batcher(tiny_model, tiny_tokenizer, max_rows=4, wait_s=0, warmup_tokens=100).warmup
+    assert (warm["slots"], warm["capacity"], warm["widths"]) == (4, 128, [1, 2, 4])  # capacity: steps of 64
+
+    def oom(self, **kw):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setattr(GenerationEngine, "warmup", oom)
+    with pytest.raises(RuntimeError, match="max_batch_size=4 rows of warmup_tokens=512 positions does not fit"):
+        Batcher(tiny_model, tiny_tokenizer, max_rows=4, wait_s=0, warmup_tokens=512)
 
 
 def test_messages_render_in_each_models_template():

@@ -16,6 +16,8 @@ Two decode paths, with the same tokens:
   with fixed shapes (mask and positions come from per-slot lengths, nothing grows per token), so on
   CUDA it is compiled and replayed as a CUDA graph. A finished sample frees its slot, and `add()`
   + `step()` let new prompts join a running batch between steps (continuous batching, serving.py).
+  `warmup()` allocates the cache and compiles/captures the step at every batch width up front (a
+  serving replica does it before it takes requests).
 - simple (`static=False`): a transformers DynamicCache grown with torch.cat every token, rows
   removed as they finish; the baseline of bench/caption.py, and the path beam search always takes.
 
@@ -29,6 +31,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -301,6 +304,39 @@ class GenerationEngine:
         yield from self._loop(prompts, plist)
 
     # -- continuous batching (static engine) -------------------------------------------------------
+    @torch.no_grad()
+    def warmup(self, slots: int | None = None, tokens: int = CAPACITY_STEP) -> dict:
+        """Allocate the KV cache for `slots` sequences (default: max_slots) of `tokens` positions each
+        (prompt + new tokens), then run the decode step once at every width a batch of up to that many
+        sequences decodes at, so that compiling the step and capturing its CUDA graphs happen now, not
+        while requests wait: a decode step at a width not seen before compiles (tens of seconds at 7B)
+        and stalls every running sequence. Later calls that fit decode without compiling; a longer
+        request grows the cache (and compiles once more). The slots stay inactive: nothing is decoded
+        into them and the engine's state is unchanged.
+
+        Returns {"slots", "capacity", "widths", "cache_gib", "compiled", "seconds"}."""
+        if not self.static:
+            raise ValueError("warmup() is for the static engine")
+        if self.busy:
+            raise RuntimeError("warmup() needs an idle engine")
+        if tokens < 1:
+            raise ValueError(f"tokens must be >= 1, got {tokens}")
+        t = time.perf_counter()
+        embedding = self.llm.get_input_embeddings().weight
+        prompt = torch.zeros(1, embedding.shape[1], dtype=embedding.dtype, device=embedding.device)
+        logits, prefill, *_ = self._prefill([prompt], [SamplingParams(max_new_tokens=1)])
+        self._reserve(min(slots or self.max_slots, self.max_slots), tokens, prefill, logits)
+        c = self._cache
+        c.active.zero_()  # every slot computes, none advances
+        widths = sorted({min(c.slots, 1 << i) for i in range(c.slots.bit_length() + 1)})
+        for width in widths:
+            self._decode(width)
+        if logits.device.type == "cuda":
+            torch.cuda.synchronize(logits.device)
+        return {"slots": c.slots, "capacity": c.capacity, "widths": widths,
+                "cache_gib": sum(x.numel() * x.element_size() for x in c.tensors()) / 2**30,
+                "compiled": self._compiled is not None, "seconds": time.perf_counter() - t}
+
     @property
     def free_slots(self) -> int:
         return len(self._free)

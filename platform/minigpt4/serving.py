@@ -75,6 +75,12 @@ class ServeSettings:
     max_n: int = 4
     max_batch_size: int = 32
     """Rows (requests x n) decoding at once: the slots of the engine's static KV cache."""
+    warmup_tokens: int = 512
+    """Before it takes requests, a replica allocates the KV cache for max_batch_size rows of this many
+    positions (prompt + generated tokens) and compiles the decode step (CUDA graphs) at every batch
+    width, so no request waits for a compile; a longer request grows the cache once. 0: no warm-up.
+    The cache takes max_batch_size x warmup_tokens x (2 x layers x hidden x 2 bytes): 8 GiB at the
+    defaults for a 7B LLM in bf16/fp16."""
     batch_wait_ms: float = 5.0
     """How long a request reaching an idle replica waits for others to share its prefill."""
     max_queue: int = 64
@@ -87,6 +93,8 @@ class ServeSettings:
                      "max_n", "max_batch_size", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_tokens < 0:
+            raise ValueError(f"warmup_tokens must be >= 0, got {self.warmup_tokens}")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens must not exceed max_tokens_limit")
         if not self.model_id:
@@ -310,11 +318,12 @@ class Batcher:
     """One thread per replica running the model with continuous batching: waiting requests join the
     running batch between decode steps and leave it as they finish (see the module docstring)."""
 
-    def __init__(self, model, tokenizer, max_rows: int, wait_s: float):
+    def __init__(self, model, tokenizer, max_rows: int, wait_s: float, warmup_tokens: int = 0):
         from .generate import GenerationEngine
 
         self.model, self.tokenizer = model, tokenizer
         self.engine = GenerationEngine(model.llm, tokenizer, max_slots=max_rows)
+        self.warmup = self._warm(warmup_tokens) if warmup_tokens else None
         self.wait_s = wait_s
         self.q: queue.Queue[_Job] = queue.Queue()
         self.waiting_rows = 0
@@ -324,6 +333,21 @@ class Batcher:
         self._owners: dict[int, tuple[_Job, int]] = {}  # engine sequence id -> (job, row)
         self._lock = threading.Lock()
         threading.Thread(target=self._loop, name="minigpt4-batcher", daemon=True).start()
+
+    def _warm(self, tokens: int) -> dict:
+        """GenerationEngine.warmup for every slot, before the batcher thread starts."""
+        import torch
+
+        try:
+            info = self.engine.warmup(tokens=tokens)
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError(f"the KV cache for max_batch_size={self.engine.max_slots} rows of warmup_tokens="
+                               f"{tokens} positions does not fit beside the model; lower max_batch_size or "
+                               f"warmup_tokens (0: no warm-up): {e}") from None
+        log.info("warm-up: KV cache %.2f GiB (%d slots x %d positions), decode step %s for widths %s in %.1fs",
+                 info["cache_gib"], info["slots"], info["capacity"], "compiled" if info["compiled"] else "run",
+                 info["widths"], info["seconds"])
+        return info
 
     def submit(self, job: _Job) -> None:
         if len(job.prompts) > self.engine.max_slots:
@@ -549,7 +573,8 @@ def deployment_class():
             self.model.eval()
             self.template = self.model.cfg.template
             self.stop = (END_SYMS[self.template],)
-            self.batcher = Batcher(self.model, self.tokenizer, s.max_batch_size, s.batch_wait_ms / 1000)
+            self.batcher = Batcher(self.model, self.tokenizer, s.max_batch_size, s.batch_wait_ms / 1000,
+                                   s.warmup_tokens)
             self.created = int(time.time())
             self._metrics = _metrics()
             log.info("MiniGPT-4 replica ready on %s in %.1fs (model %s, auth %s)", device, time.time() - t,
@@ -619,7 +644,8 @@ def deployment_class():
         @api.get("/healthz")
         async def healthz(self):
             return {"status": "ok", "model": self.s.model_id, "batches": self.batcher.batches,
-                    "steps": self.batcher.steps, "waiting_rows": self.batcher.waiting_rows}
+                    "steps": self.batcher.steps, "waiting_rows": self.batcher.waiting_rows,
+                    "warmup": self.batcher.warmup}
 
         @api.get("/v1/models")
         async def models(self, request: Request):
