@@ -101,6 +101,42 @@ def test_gradient_reaches_only_the_projection(tiny_model, tiny_tokenizer):
     assert model.llama_proj.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("name", ["vicuna7b", "llama2_7b"])
+def test_real_widths_one_layer_deep_train_and_generate_in_bf16(name, tiny_tokenizer):
+    """The real presets' shapes at depth 1, in bf16 as on the GPU box: 224 px images, 32 Q-Former
+    queries (LLaMA-2: 64 concatenated patch tokens), the 4096-wide LLM with its 32,000-token head. A
+    stage-1 step trains only llama_proj; the static engine gives the simple path's tokens."""
+    from minigpt4.generate import GenerationEngine, SamplingParams
+
+    base = preset(name)
+    cfg = preset(name, vision=dict(base.vision, num_hidden_layers=1), llm=dict(base.llm, num_hidden_layers=1),
+                 qformer=dict(base.qformer, num_hidden_layers=1) if base.qformer else None,
+                 vision_dtype="bf16", llm_dtype="bf16")
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    tokens = 64 if name == "llama2_7b" else 32
+    assert (cfg.image_size, cfg.num_image_tokens, model.llama_proj.in_features) == (
+        224, tokens, 5632 if name == "llama2_7b" else 768)
+    batch, *_ = _batch(tiny_tokenizer, model, stage2=False)
+    assert (batch["input_ids"] == IMAGE_TOKEN_ID).sum(1).tolist() == [tokens, tokens]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss) and 9 < loss.item() < 12  # ~ln(32000) = 10.4 for a random model
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == {"llama_proj.weight",
+                                                                               "llama_proj.bias"}
+    model.eval()
+    prompt = "###Human: <Img><ImageHere></Img> Describe this image. ###Assistant: " if name == "vicuna7b" \
+        else "[INST] <Img><ImageHere></Img> Describe this image. [/INST] "
+    with torch.no_grad():
+        embeds = model.generation_inputs(tiny_tokenizer, [prompt] * 2, batch["pixel_values"])
+    assert embeds[0].shape[1] == 4096 and embeds[0].shape[0] > tokens + 10 and embeds[0].dtype == torch.bfloat16
+    params = SamplingParams(max_new_tokens=5, min_new_tokens=5)
+    static = GenerationEngine(model.llm, tiny_tokenizer).generate(embeds, params)
+    assert static == GenerationEngine(model.llm, tiny_tokenizer, static=False).generate(embeds, params)
+    assert all(len(c.token_ids) == 5 for c in static)
+
+
 def test_train_llm_full_and_lora():
     full = build_model(preset("tiny", train_llm="full"))
     names = {n for n, p in full.named_parameters() if p.requires_grad}
