@@ -36,6 +36,7 @@ every batch size) and `.md`.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import tempfile
 import time
@@ -277,9 +278,15 @@ def main(argv=None) -> int:
         by_batch[b], same[b] = engine_rows(model, tok, cfg, b, args.new_tokens, args.batches, device, gpu, weights)
         print(f"[bench] batch {b}: share of images with our engine's tokens: {same[b]}", flush=True)
         save([f"batch {later}" for later in order[i + 1:]] + job_left)
+    # the job's actor loads its own model: give back ours, with what compiled graphs still hold (transformers'
+    # and our engines' CUDA graph pools and static caches)
     del model
+    torch._dynamo.reset()
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+        print(f"[bench] GPU memory before the job: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated",
+              flush=True)
     if args.job_images:
         with tempfile.TemporaryDirectory() as tmp:
             job = job_row(args.preset, args.job_images, largest, args.new_tokens, gpu, Path(tmp), args.storage)
