@@ -72,8 +72,9 @@ def write_results(out: str, stem: str, table: str, payload: dict, remaining: str
         table += f"\n\nPartial table: {remaining} had not run when it was written."
     path = Path(out)
     path.mkdir(parents=True, exist_ok=True)
-    for name, text in ((f"{stem}.md", table + "\n"), (f"{stem}.json", json.dumps({**payload, "partial": remaining or None},
-                                                                                    indent=1))):
+    files = {f"{stem}.md": table + "\n",
+             f"{stem}.json": json.dumps({**payload, "partial": remaining or None}, indent=1)}
+    for name, text in files.items():
         tmp = path / f".{name}.tmp"  # whole files only, even when the timeout lands mid-write
         tmp.write_text(text)
         tmp.replace(path / name)

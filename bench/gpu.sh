@@ -33,8 +33,9 @@ case "$what" in train|quant|serve) ;; *) echo "usage: bench/gpu.sh train|quant|s
 out=${OUT:-bench/results}
 mkdir -p "$out"
 
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+wheels=${WHEELS-.whl}  # the carried bundle; WHEELS= (empty) skips it (the tests: this box's own packages)
+if [ -n "$wheels" ] && compgen -G "$wheels/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$wheels"/*.whl \
     || { echo "wheel install failed" >&2; exit 1; }
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi

@@ -29,6 +29,7 @@ Results also go to `<out>/train_step.json` and `.md`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -154,17 +155,19 @@ class RayJobs:
     def __enter__(self):
         from minigpt4.synthetic import write_dataset
 
-        self._storage = job_storage(self.storage, self.workdir)
-        self.root, self.where, self.env = self._storage.__enter__()
-        per_shard = 64
-        shards = max(2, -(-self.batch_size * min(self.steps, 20) // per_shard))  # epochs restart every ~20 steps
-        write_dataset(f"{self.root}/syn", train_shards=shards, samples_per_shard=per_shard, align_samples=0,
-                      heldout_samples=0, image_size=self.image_size, progress=False)
-        self.pattern = f"{self.root}/syn/pretrain/{{00000..{shards - 1:05d}}}.tar"
+        self._stack = contextlib.ExitStack()
+        with self._stack:  # closed here only if what follows fails
+            self.root, self.where, self.env = self._stack.enter_context(job_storage(self.storage, self.workdir))
+            per_shard = 64
+            shards = max(2, -(-self.batch_size * min(self.steps, 20) // per_shard))  # epochs restart every ~20 steps
+            write_dataset(f"{self.root}/syn", train_shards=shards, samples_per_shard=per_shard, align_samples=0,
+                          heldout_samples=0, image_size=self.image_size, progress=False)
+            self.pattern = f"{self.root}/syn/pretrain/{{00000..{shards - 1:05d}}}.tar"
+            self._stack = self._stack.pop_all()
         return self
 
     def __exit__(self, *exc):
-        return self._storage.__exit__(*exc)
+        return self._stack.__exit__(*exc)
 
     def _ray(self):
         import ray

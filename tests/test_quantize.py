@@ -247,7 +247,7 @@ def test_quantize_bench_runs_on_cpu(tmp_path):
     has in that call (no ray, deepspeed, boto3 or moto)."""
     from conftest import gpu_image_env
 
-    env = {**gpu_image_env("quant"), "OUT": str(tmp_path), "PYTHON": sys.executable}
+    env = {**gpu_image_env("quant"), "OUT": str(tmp_path), "PYTHON": sys.executable, "WHEELS": ""}  # no device bundle
     run = subprocess.run(["bash", "bench/gpu.sh", "quant", "--batch-size", "1", "2", "--new-tokens", "4"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "quantize: exit 0 in" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
