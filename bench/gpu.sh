@@ -14,21 +14,22 @@
 #   serve: bench/serve.py (Serve replica, 1/8/32 streams vs HF generate)
 #
 # Each bench runs under its own timeout (seconds: TRAIN_STEP_S, CAPTION_S, QUANTIZE_S, SERVE_S) so a
-# call ends inside the device's 10-minute limit, and a bench that fails does not stop the next one.
+# call ends inside the device's 10-minute limit, and a bench that fails does not stop the next one; its
+# own arguments come from TRAIN_STEP_ARGS, CAPTION_ARGS, QUANTIZE_ARGS, SERVE_ARGS (the tests: small sizes).
 # Tables, JSON and logs go to $OUT (or bench/results when $OUT is unset); the last lines printed are
 # the tables and each bench's exit status. Each bench rewrites its table after every row, so one that
 # times out still leaves (and prints here) the rows it finished, marked partial. Arguments after the
 # call's name go to each of its benches.
 # The GPU image has no boto3 or moto, so the train_step and caption jobs read local files there
 # (their --storage auto). On a machine without a GPU the benches run their CPU variants (tiny preset):
-# CI runs `bench/gpu.sh quant` that way (tests/test_quantize.py), which keeps this script working,
-# and the tests run every bench with only the modules the GPU box has in its call
-# (tests/gpu_image/sitecustomize.py hides the rest).
+# CI runs `bench/gpu.sh train` and `bench/gpu.sh quant` that way (tests/test_train.py,
+# tests/test_quantize.py) with only the modules the GPU box has in each call
+# (tests/gpu_image/sitecustomize.py hides the rest), which keeps this script working.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:?usage: bench/gpu.sh train|quant|serve [bench arguments]}
 shift
-extra=("$@")  # passed to each bench of the call (CI: small sizes)
+extra=("$@")  # passed to every bench of the call (e.g. --preset tiny)
 case "$what" in train|quant|serve) ;; *) echo "usage: bench/gpu.sh train|quant|serve [bench arguments]" >&2; exit 2 ;; esac
 out=${OUT:-bench/results}
 mkdir -p "$out"
@@ -47,11 +48,12 @@ python_ok || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 
 status=()
-bench() {  # bench NAME SECONDS SCRIPT ARGS...: one bench, its own timeout and log
-  local name=$1 limit=$2; shift 2
+bench() {  # bench NAME SECONDS ARGS SCRIPT: one bench, its own timeout, arguments and log
+  local name=$1 limit=$2 own=$3 script=$4
   echo "=== $name (timeout ${limit}s) ==="
   local t0=$SECONDS
-  timeout --kill-after=15 "$limit" $PY "$@" ${extra[@]+"${extra[@]}"} --out "$out" >"$out/$name.log" 2>&1
+  # shellcheck disable=SC2086  # $own: the bench's own arguments, split on spaces
+  timeout --kill-after=15 "$limit" $PY "$script" $own ${extra[@]+"${extra[@]}"} --out "$out" >"$out/$name.log" 2>&1
   local rc=$?
   status+=("$name: exit $rc in $((SECONDS - t0)) s$([ $rc = 124 ] && echo ' (timed out)')")
   [ $rc = 0 ] || tail -n 40 "$out/$name.log"  # the table comes below; a failure shows its log's end
@@ -61,12 +63,12 @@ bench() {  # bench NAME SECONDS SCRIPT ARGS...: one bench, its own timeout and l
 
 case "$what" in
   train)
-    bench train_step "${TRAIN_STEP_S:-330}" bench/train_step.py
-    bench caption "${CAPTION_S:-240}" bench/caption.py ;;
+    bench train_step "${TRAIN_STEP_S:-330}" "${TRAIN_STEP_ARGS:-}" bench/train_step.py
+    bench caption "${CAPTION_S:-240}" "${CAPTION_ARGS:-}" bench/caption.py ;;
   quant)
-    bench quantize "${QUANTIZE_S:-480}" bench/quantize.py ;;
+    bench quantize "${QUANTIZE_S:-480}" "${QUANTIZE_ARGS:-}" bench/quantize.py ;;
   serve)
-    bench serve "${SERVE_S:-480}" bench/serve.py ;;
+    bench serve "${SERVE_S:-480}" "${SERVE_ARGS:-}" bench/serve.py ;;
 esac
 echo "=== tables ==="
 for md in "$out"/*.md; do [ -e "$md" ] && { echo "--- $md"; cat "$md"; }; done

@@ -233,7 +233,7 @@ def test_caption_cli_embedded_default_and_errors(tmp_path):
 def test_caption_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     """bench/caption.py (the GPU benchmark at real sizes) must keep working: on CPU it runs the tiny preset.
     Its job reads a local S3 server here (`--storage auto` with boto3 and moto installed); the train-step
-    bench's test covers local files, what the GPU box gets."""
+    bench covers local files, what the GPU box gets (tests/test_train.py runs both through bench/gpu.sh)."""
     run = subprocess.run([sys.executable, "bench/caption.py", "--batches", "1", "--batch-size", "4", "--new-tokens",
                           "4", "--job-images", "16", "--out", str(tmp_path)], cwd=REPO, capture_output=True,
                          text=True, timeout=300)

@@ -233,20 +233,29 @@ def test_tensorboard_event_file_format():
         assert read_scalars(w.path) == [(7, "loss", 0.5), (7, "lr", 2.0)]
 
 
-def test_train_step_bench_runs_on_cpu_and_writes_its_table(tmp_path):
-    """bench/train_step.py (the GPU benchmark at real sizes) must keep working: on CPU it runs the tiny
-    preset through the same two paths. It runs with only what the GPU box has in a `bench/gpu.sh train`
-    call (no boto3, moto or bitsandbytes): its jobs then read local files."""
+def test_gpu_sh_train_runs_the_train_step_and_caption_benches(tmp_path):
+    """`bench/gpu.sh train`, the device call for issue 4's and 8's numbers, must keep working: on CPU its
+    two benches run the tiny preset, with only what the GPU box has in that call (no boto3, moto or
+    bitsandbytes), so the jobs read local files. bench/train_step.py runs the naive loops and the Ray
+    Train jobs; bench/caption.py its engine rows (its job row: tests/test_caption.py)."""
+    import os
     import subprocess
     import sys
 
     from conftest import gpu_image_env
 
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, str(root / "bench/train_step.py"), "--steps", "6", "--batch-size", "8",
-                          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=root,
-                         env=gpu_image_env("train"))
-    assert out.returncode == 0, out.stderr[-3000:]
+    env = {**gpu_image_env("train"), "OUT": str(tmp_path), "PYTHON": sys.executable, "WHEELS": "",
+           "TRAIN_STEP_ARGS": "--steps 6 --batch-size 8",
+           "CAPTION_ARGS": "--batches 1 --batch-size 2 --new-tokens 4 --job-images 0"}
+    out = subprocess.run(["bash", "bench/gpu.sh", "train"], capture_output=True, text=True, timeout=400, cwd=root,
+                         env=env)
+    logs = "".join(f.read_text()[-2000:] for f in tmp_path.glob("*.log"))
+    assert out.returncode == 0 and "train_step: exit 0 in" in out.stdout and "caption: exit 0 in" in out.stdout, \
+        out.stdout[-3000:] + out.stderr[-2000:] + logs
+    assert "=== tables ===" in out.stdout and "| Ray Train + DeepSpeed job |" in out.stdout
+    assert json.loads((tmp_path / "caption.json").read_text())["rows"]["our engine"]["tokens"] == 2 * 4
+    assert not os.environ.get("MINIGPT4_ABSENT")  # the simulation stayed in the subprocess
     report = json.loads((tmp_path / "train_step.json").read_text())
     assert report["storage"] == "local files" and report["partial"] is None
     assert report["preset"] == "tiny" and list(report["rows"]) == [
