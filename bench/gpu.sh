@@ -22,8 +22,8 @@
 # call's name go to each of its benches.
 # The GPU image has no boto3 or moto, so the train_step and caption jobs read local files there
 # (their --storage auto). On a machine without a GPU the benches run their CPU variants (tiny preset):
-# CI runs `bench/gpu.sh train` and `bench/gpu.sh quant` that way (tests/test_train.py,
-# tests/test_quantize.py) with only the modules the GPU box has in each call
+# CI runs each call that way (tests/test_train.py, tests/test_quantize.py, tests/test_serving.py)
+# with only the modules the GPU box has in each call
 # (tests/gpu_image/sitecustomize.py hides the rest), which keeps this script working.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -192,7 +192,8 @@ def test_overload_answers_503_instead_of_queueing(server):
 
 def test_serve_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     """bench/serve.py (the GPU benchmark at real sizes) must keep working: on CPU it runs the tiny preset,
-    with only what the GPU box has in a `bench/gpu.sh serve` call (no boto3, moto, deepspeed, bitsandbytes)."""
+    through its device command `bench/gpu.sh serve`, with only what the GPU box has in that call (no
+    boto3, moto, deepspeed, bitsandbytes)."""
     import subprocess
     import sys
     from pathlib import Path
@@ -200,10 +201,12 @@ def test_serve_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     from conftest import gpu_image_env
 
     root = Path(__file__).resolve().parents[1]
-    run = subprocess.run([sys.executable, "bench/serve.py", "--streams", "1", "2", "--rounds", "1", "--new-tokens", "4",
-                          "--out", str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=300,
-                         env=gpu_image_env("serve"))
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    env = {**gpu_image_env("serve"), "OUT": str(tmp_path), "PYTHON": sys.executable, "WHEELS": "",
+           "SERVE_ARGS": "--streams 1 2 --rounds 1 --new-tokens 4"}
+    run = subprocess.run(["bash", "bench/gpu.sh", "serve"], cwd=root, capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert run.returncode == 0 and "serve: exit 0 in" in run.stdout, \
+        run.stdout[-2000:] + run.stderr[-3000:] + "".join(f.read_text()[-3000:] for f in tmp_path.glob("*.log"))
     report = json.loads((tmp_path / "serve.json").read_text())
     rows = report["rows"]
     assert report["partial"] is None
