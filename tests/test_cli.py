@@ -83,6 +83,34 @@ def test_demo_runs_end_to_end(tmp_path):
         assert (tmp_path / "demo" / stage / "progress.log").read_text().count("[train] step") == 3
 
 
+def test_chat_compiles_before_the_first_question(image_path, tiny_model, tiny_tokenizer, monkeypatch, capsys):
+    """Where the decode step compiles (CUDA; here forced, with a compile-counting backend), the chat does it
+    at start with a word on stderr, and answering compiles nothing more; with beams (the simple path) or
+    where nothing compiles (CPU), no warm-up."""
+    import io
+
+    import minigpt4.generate as generate
+    from minigpt4.__main__ import Chat
+    from minigpt4.generate import SamplingParams
+
+    graphs = []
+    monkeypatch.setattr(generate, "COMPILE_OPTIONS",
+                        dict(backend=lambda gm, inputs: graphs.append(gm) or gm.forward, fullgraph=True))
+    params = SamplingParams(max_new_tokens=8, stop=("###",))
+    chat = Chat(tiny_model, tiny_tokenizer, params, out=io.StringIO(), compile=True)
+    assert "compiling the decode step" in capsys.readouterr().err and chat.engine._cache.capacity == 512
+    compiled = len(graphs)
+    assert compiled >= 1
+    chat.upload(image_path)
+    chat.ask("Describe this image.")
+    chat.ask("And the colours?")
+    assert len(graphs) == compiled
+    for quiet in (Chat(tiny_model, tiny_tokenizer, params, out=io.StringIO()),  # CPU: nothing compiles
+                  Chat(tiny_model, tiny_tokenizer, SamplingParams(num_beams=2), out=io.StringIO(), compile=True)):
+        assert quiet.engine._cache is None
+    assert "compiling" not in capsys.readouterr().err
+
+
 def test_chat_reuses_encoded_image_and_matches_generate(image_path, tiny_model, tiny_tokenizer):
     import io
 

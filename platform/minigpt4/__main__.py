@@ -70,13 +70,23 @@ def sampling_from_args(args, stop: tuple[str, ...]) -> SamplingParams:
 
 
 class Chat:
-    """Terminal chat over one Conversation: each image is encoded once at upload, answers stream as they decode."""
+    """Terminal chat over one Conversation: each image is encoded once at upload, answers stream as they decode.
 
-    def __init__(self, model, tokenizer, params: SamplingParams, out=sys.stdout):
+    Where the decode step compiles (a GPU), it does so here, before the first question, with a word on
+    stderr: not silently inside the first answer. compile: the engine's (None: on CUDA)."""
+
+    WARMUP_TOKENS = 512  # prompt + answer positions of the cache warmed up; a longer conversation grows it once
+
+    def __init__(self, model, tokenizer, params: SamplingParams, out=sys.stdout, compile: bool | None = None):
         from minigpt4.generate import GenerationEngine
 
         self.model, self.tokenizer, self.params, self.out = model, tokenizer, params, out
-        self.engine = GenerationEngine(model.llm, tokenizer)
+        self.engine = GenerationEngine(model.llm, tokenizer, compile=compile)
+        if params.num_beams == 1 and self.engine.compiles(model.device):  # beam search runs the simple path
+            print("(compiling the decode step for this device: a minute at 7B, once per start)", file=sys.stderr,
+                  flush=True)
+            info = self.engine.warmup(slots=1, tokens=self.WARMUP_TOKENS)
+            log.info("decode step compiled in %.1fs", info["seconds"])
         self.reset()
 
     def reset(self):

@@ -630,7 +630,7 @@ class GenerationEngine:
                                     k.dtype, k.device)
         else:
             self._cache = c.grown(slots, capacity)
-        if self._compile_step(logits.device):
+        if self.compiles(logits.device):
             for t in self._cache.tensors():  # mutated inside the CUDA graph: keep their addresses
                 torch._dynamo.mark_static_address(t)
             self._compiled = self._compiled or torch.compile(self._decode_step, **COMPILE_OPTIONS)
@@ -639,7 +639,9 @@ class GenerationEngine:
         """Decode width covering slots 0..last_slot: a power of two (few shapes to compile and capture)."""
         return min(self._cache.slots, _pow2_at_least(last_slot + 1))
 
-    def _compile_step(self, device: torch.device) -> bool:
+    def compiles(self, device: torch.device) -> bool:
+        """Whether the static decode step runs compiled on `device` (by default: on CUDA, unless the LLM is
+        bitsandbytes-quantized); decided once, at the first use."""
         if self.compile is None:  # bitsandbytes layers do not compile: their LLMs run the step eagerly
             self.compile = device.type == "cuda" and not self._quantized
         return self.compile
