@@ -178,8 +178,9 @@ def main(argv=None) -> int:
     print(f"[bench] serving: preset {args.preset}, streams {args.streams}, {args.new_tokens} new tokens, {name}",
           flush=True)
     rows: dict[str, dict] = {}
+    labels = [f"serve, {n} streams" for n in args.streams] + [f"HF generate, batch {n}" for n in args.streams]
 
-    def save(later: list[str]):
+    def save():  # after every row: a run stopped by its timeout leaves the rows it finished
         lines = [f"Serving, preset `{args.preset}`, {args.new_tokens} new tokens/request, {name}", "",
                  "| path | aggregate tok/s | per-stream tok/s | median TTFT (s) |", "|---|---:|---:|---:|"]
         for label, r in rows.items():
@@ -187,18 +188,12 @@ def main(argv=None) -> int:
             lines.append(f"| {label} | {r['tokens_per_s']:.1f} | {r['per_stream_tokens_per_s']:.1f} | {ttft} |")
         write_results(args.out, "serve", "\n".join(lines),
                       {"preset": args.preset, "new_tokens": args.new_tokens, "device": name, "rows": rows},
-                      ", ".join(later))
+                      ", ".join(label for label in labels if label not in rows))
 
-    # saved after every row: a run stopped by its timeout leaves the rows it finished
-    labels = [f"serve, {n} streams" for n in args.streams] + [f"HF generate, batch {n}" for n in args.streams]
-
-    def saved():
-        save([label for label in labels if label not in rows])
-
-    serve_rows(args.preset, args.streams, args.rounds, args.new_tokens, gpu, rows, on_row=saved)
+    serve_rows(args.preset, args.streams, args.rounds, args.new_tokens, gpu, rows, on_row=save)
     for n in args.streams:
         rows[f"HF generate, batch {n}"] = hf_row(cfg, n, args.new_tokens, device)
-        saved()
+        save()
     return 0
 
 

@@ -58,12 +58,19 @@ BUNDLE_LACKS = {
 }
 
 
-def gpu_image_env(bundle: str) -> dict:
-    """The environment of a bench subprocess that sees only what the GPU box has during a
-    `bench/gpu.sh <bundle>` call (tests/gpu_image/sitecustomize.py hides the rest, in Ray's workers too)."""
-    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_image")
-    path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "PYTHONPATH": path, "MINIGPT4_ABSENT": ",".join(GPU_IMAGE_LACKS + BUNDLE_LACKS[bundle])}
+def gpu_sh(call: str, out, *args: str, timeout: int = 300, **bench_env: str):
+    """Run `bench/gpu.sh <call> [args]` as a device call runs it, seeing only what the GPU box has during
+    that call (tests/gpu_image/sitecustomize.py hides the rest, in Ray's workers too): results in `out`,
+    this box's Python, no wheel bundle; `bench_env`: the benches' own arguments (TRAIN_STEP_ARGS=...)."""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join(p for p in (os.path.join(here, "gpu_image"), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "MINIGPT4_ABSENT": ",".join(GPU_IMAGE_LACKS + BUNDLE_LACKS[call]),
+           "OUT": str(out), "PYTHON": sys.executable, "WHEELS": "", **bench_env}
+    return subprocess.run(["bash", "bench/gpu.sh", call, *args], cwd=os.path.dirname(here), env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -245,11 +244,9 @@ def test_quantize_bench_runs_on_cpu(tmp_path):
     the bitsandbytes rows run where bitsandbytes does, and are skipped with a reason elsewhere. It runs
     through bench/gpu.sh, the device-call script, which must keep working too, with only what the GPU box
     has in that call (no ray, deepspeed, boto3 or moto)."""
-    from conftest import gpu_image_env
+    from conftest import gpu_sh
 
-    env = {**gpu_image_env("quant"), "OUT": str(tmp_path), "PYTHON": sys.executable, "WHEELS": ""}  # no device bundle
-    run = subprocess.run(["bash", "bench/gpu.sh", "quant", "--batch-size", "1", "2", "--new-tokens", "4"], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=300)
+    run = gpu_sh("quant", tmp_path, "--batch-size", "1", "2", "--new-tokens", "4")
     assert run.returncode == 0 and "quantize: exit 0 in" in run.stdout, run.stdout[-3000:] + run.stderr[-3000:]
     assert "=== tables ===" in run.stdout and "| int8wo (ours) | 2 |" in run.stdout
     run.stdout = (tmp_path / "quantize.log").read_text()  # the bench's own output

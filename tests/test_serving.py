@@ -194,17 +194,9 @@ def test_serve_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     """bench/serve.py (the GPU benchmark at real sizes) must keep working: on CPU it runs the tiny preset,
     through its device command `bench/gpu.sh serve`, with only what the GPU box has in that call (no
     boto3, moto, deepspeed, bitsandbytes)."""
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import gpu_sh
 
-    from conftest import gpu_image_env
-
-    root = Path(__file__).resolve().parents[1]
-    env = {**gpu_image_env("serve"), "OUT": str(tmp_path), "PYTHON": sys.executable, "WHEELS": "",
-           "SERVE_ARGS": "--streams 1 2 --rounds 1 --new-tokens 4"}
-    run = subprocess.run(["bash", "bench/gpu.sh", "serve"], cwd=root, capture_output=True, text=True, timeout=300,
-                         env=env)
+    run = gpu_sh("serve", tmp_path, SERVE_ARGS="--streams 1 2 --rounds 1 --new-tokens 4")
     assert run.returncode == 0 and "serve: exit 0 in" in run.stdout, \
         run.stdout[-2000:] + run.stderr[-3000:] + "".join(f.read_text()[-3000:] for f in tmp_path.glob("*.log"))
     report = json.loads((tmp_path / "serve.json").read_text())

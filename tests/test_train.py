@@ -239,17 +239,11 @@ def test_gpu_sh_train_runs_the_train_step_and_caption_benches(tmp_path):
     bitsandbytes), so the jobs read local files. bench/train_step.py runs the naive loops and the Ray
     Train jobs; bench/caption.py its engine rows (its job row: tests/test_caption.py)."""
     import os
-    import subprocess
-    import sys
 
-    from conftest import gpu_image_env
+    from conftest import gpu_sh
 
-    root = Path(__file__).resolve().parents[1]
-    env = {**gpu_image_env("train"), "OUT": str(tmp_path), "PYTHON": sys.executable, "WHEELS": "",
-           "TRAIN_STEP_ARGS": "--steps 6 --batch-size 8",
-           "CAPTION_ARGS": "--batches 1 --batch-size 2 --new-tokens 4 --job-images 0"}
-    out = subprocess.run(["bash", "bench/gpu.sh", "train"], capture_output=True, text=True, timeout=400, cwd=root,
-                         env=env)
+    out = gpu_sh("train", tmp_path, timeout=400, TRAIN_STEP_ARGS="--steps 6 --batch-size 8",
+                 CAPTION_ARGS="--batches 1 --batch-size 2 --new-tokens 4 --job-images 0")
     logs = "".join(f.read_text()[-2000:] for f in tmp_path.glob("*.log"))
     assert out.returncode == 0 and "train_step: exit 0 in" in out.stdout and "caption: exit 0 in" in out.stdout, \
         out.stdout[-3000:] + out.stderr[-2000:] + logs

@@ -3,7 +3,7 @@
 
 The GPU image lacks packages that this box has (boto3, moto, ...; ../shared/ENVIRONMENT.md), and a
 bench call there carries one wheel bundle. The tests run the benches with this directory first on
-PYTHONPATH (tests/conftest.py: `gpu_image_env`), so a bench that needs what the device will not have
+PYTHONPATH (tests/conftest.py: `gpu_sh`), so a bench that needs what the device will not have
 fails here, not in a scarce device call. Ray's workers inherit PYTHONPATH and the variable, so they
 see the same image. Both `import x` and availability probes (`importlib.util.find_spec`,
 `importlib.metadata`: transformers' and accelerate's checks) see the package as missing.
