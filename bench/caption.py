@@ -4,6 +4,7 @@ the whole caption job.
 
     python bench/caption.py                          # GPU: vicuna7b at real sizes, random weights, bf16
     python bench/caption.py --preset tiny            # CPU (what CI runs): the tiny preset, fp32
+    python bench/caption.py --preset vicuna7b --depth 1 # CPU: the GPU run's widths, one layer deep, fp32
     python bench/caption.py --batch-size 64 256 --new-tokens 128 --batches 3
 
 Rows per batch size (every row generates exactly `--new-tokens` tokens per image, `min_new_tokens` =
@@ -42,7 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import STORAGE, job_storage, machine, write_results  # bench/ is the script's directory, first on sys.path
+# bench/ is the script's directory, first on sys.path
+from _common import STORAGE, job_storage, machine, model_args, tokenizer_dir, write_results
 
 HF_DYNAMIC, HF_STATIC = "HF generate (dynamic cache)", "HF generate (static cache)"
 OURS_SIMPLE, OURS = "our engine, simple path", "our engine"
@@ -56,7 +58,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def build(cfg, device):
+def build(cfg, device, tokenizer: str):
     import torch
 
     from minigpt4.model import build_model
@@ -65,7 +67,7 @@ def build(cfg, device):
     torch.manual_seed(0)
     model = build_model(cfg, device=device).eval()
     model._cast_vision({"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.vision_dtype, torch.float32))
-    return model, load_tokenizer()
+    return model, load_tokenizer(tokenizer)
 
 
 def generators(model, tok, cfg, batch_size: int, device, gpu: bool) -> dict:
@@ -150,7 +152,7 @@ def engine_rows(model, tok, cfg, batch_size: int, new_tokens: int, batches: int,
     return rows, same
 
 
-def job_row(preset: str, images: int, batch_size: int, new_tokens: int, gpu: bool, workdir: Path,
+def job_row(model: dict, tokenizer: str, images: int, batch_size: int, new_tokens: int, gpu: bool, workdir: Path,
             storage: str) -> dict:
     import io
     import random
@@ -160,6 +162,7 @@ def job_row(preset: str, images: int, batch_size: int, new_tokens: int, gpu: boo
     from minigpt4 import caption, synthetic
     from minigpt4.data import io as uio
     from minigpt4.generate import SamplingParams
+    from minigpt4.weights import WeightsConfig
 
     with job_storage(storage, workdir) as (root, where, env):
         for i in range(images):
@@ -173,7 +176,8 @@ def job_row(preset: str, images: int, batch_size: int, new_tokens: int, gpu: boo
 
             DataContext.get_current().enable_progress_bars = False
             cfg = caption.CaptionConfig(
-                input=f"{root}/images/", output=str(workdir / "captions"), model={"preset": preset},
+                input=f"{root}/images/", output=str(workdir / "captions"), model=dict(model),
+                weights=WeightsConfig(tokenizer=tokenizer),
                 sampling=SamplingParams(max_new_tokens=new_tokens, min_new_tokens=new_tokens),
                 batch_size=batch_size, unit_size=max(batch_size, 64), num_gpus=1 if gpu else 0,
                 cpus_per_actor=1, concurrency=[1], preprocess_cpus=1, log_every=30)
@@ -238,7 +242,7 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     gpu = torch.cuda.is_available()
-    ap.add_argument("--preset", default="vicuna7b" if gpu else "tiny")
+    model_args(ap, gpu)
     ap.add_argument("--batch-size", type=int, nargs="+", default=[1, 16, 64, 256] if gpu else [1, 16])
     ap.add_argument("--new-tokens", type=int, default=128 if gpu else 32)
     ap.add_argument("--batches", type=int, default=3)
@@ -248,10 +252,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
 
-    cfg, device, name = machine(args.preset)
+    cfg, device, name, spec = machine(args.preset, args.depth)
     print(f"[bench] captioning: preset {args.preset}, batches {args.batch_size}, {args.new_tokens} new tokens, "
           f"{name}", flush=True)
-    model, tok = build(cfg, device)
+    tokenizer = tokenizer_dir(cfg)
+    model, tok = build(cfg, device, tokenizer)
     weights = torch.cuda.memory_allocated() if device.type == "cuda" else 0  # nothing else is on the GPU yet
     largest = max(args.batch_size)
     detok = detokenize_cost(model.llm, tok, largest, args.new_tokens)
@@ -289,7 +294,7 @@ def main(argv=None) -> int:
               flush=True)
     if args.job_images:
         with tempfile.TemporaryDirectory() as tmp:
-            job = job_row(args.preset, args.job_images, largest, args.new_tokens, gpu, Path(tmp), args.storage)
+            job = job_row(spec, tokenizer, args.job_images, largest, args.new_tokens, gpu, Path(tmp), args.storage)
         save([])
     exact = cfg.llm_dtype == "fp32"
     if exact and any(share != 1 for shares in same.values() for share in shares.values()):

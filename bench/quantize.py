@@ -3,6 +3,7 @@ LLM.int8 and NF4 and the unquantized LLM, on the same weights and prompts, measu
 
     python bench/quantize.py                      # GPU: vicuna7b at real sizes, random weights, bf16 baseline
     python bench/quantize.py --preset tiny        # CPU (what CI runs): the tiny preset, fp32 baseline
+    python bench/quantize.py --preset vicuna7b --depth 1 # CPU: the GPU run's widths, one layer deep, fp32
     python bench/quantize.py --paths none int8wo --batch-size 1 16 --new-tokens 128
 
 One random LLM (the preset's sizes, in its llm_dtype) is saved once as a Hugging Face directory and
@@ -33,7 +34,8 @@ import sys
 import tempfile
 import time
 
-from _common import machine, write_results  # bench/ is the script's directory, first on sys.path
+# bench/ is the script's directory, first on sys.path
+from _common import machine, model_args, tokenizer_dir, write_results
 
 PATHS = ("none", "int8wo", "8bit", "4bit")
 BITSANDBYTES = ("8bit", "4bit")
@@ -196,7 +198,7 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     gpu = torch.cuda.is_available()
-    ap.add_argument("--preset", default="vicuna7b" if gpu else "tiny")
+    model_args(ap, gpu)
     ap.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
                     help="quantize_llm values to compare; 'none' (the baseline) always runs first")
     ap.add_argument("--batch-size", type=int, nargs="+", default=[1, 16])
@@ -205,11 +207,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     paths = ["none"] + [p for p in PATHS if p in args.paths and p != "none"]
 
-    cfg, device, name = machine(args.preset)
+    cfg, device, name, _ = machine(args.preset, args.depth)
     baseline = cfg.llm_dtype
     print(f"[bench] quantized LLM: preset {args.preset}, paths {paths}, batches {args.batch_size}, "
           f"{args.new_tokens} new tokens, {name}", flush=True)
-    tok = load_tokenizer()
+    tok = load_tokenizer(tokenizer_dir(cfg))
     rows, skipped, reference = {}, {}, {}
 
     def save(later: list[str]):

@@ -3,6 +3,7 @@
 
     python bench/serve.py                      # GPU: vicuna7b at real sizes, random weights, bf16
     python bench/serve.py --preset tiny        # CPU (what CI runs): the tiny preset
+    python bench/serve.py --preset vicuna7b --depth 1 # CPU: the GPU run's widths, one layer deep, fp32
     python bench/serve.py --streams 1 8 32 --new-tokens 128
 
 Every request streams a chat completion about one image with `min_tokens` = `max_tokens` (random
@@ -25,7 +26,8 @@ import sys
 import threading
 import time
 
-from _common import machine, write_results  # bench/ is the script's directory, first on sys.path
+# bench/ is the script's directory, first on sys.path
+from _common import machine, model_args, tokenizer_dir, write_results
 
 PROMPT = "Describe this image in detail."
 
@@ -40,7 +42,7 @@ def image_url() -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def hf_row(cfg, batch: int, new_tokens: int, device) -> dict:
+def hf_row(cfg, tokenizer: str, batch: int, new_tokens: int, device) -> dict:
     import torch
 
     from minigpt4.images import load_image, preprocess
@@ -50,7 +52,7 @@ def hf_row(cfg, batch: int, new_tokens: int, device) -> dict:
 
     torch.manual_seed(0)
     model = build_model(cfg, device=device).eval()
-    tok = load_tokenizer()
+    tok = load_tokenizer(tokenizer)
     conv = Conversation.for_template(cfg.template, system=CHAT_SYSTEM)
     url = image_url()
     px = torch.from_numpy(preprocess(load_image(base64.b64decode(url.split(",", 1)[1])), cfg.image_size))[None]
@@ -99,10 +101,13 @@ def stream_once(base: str, model: str, url: str, new_tokens: int) -> tuple[float
                 first = time.perf_counter() - t0
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
-    return first or 0.0, time.perf_counter() - t0, tokens
+    if first is None:  # a time to first token of 0 would look like the best row of the table
+        raise RuntimeError(f"a stream of {tokens} tokens carried no text: its tokenizer does not decode the "
+                           "model's ids")
+    return first, time.perf_counter() - t0, tokens
 
 
-def serve_rows(preset: str, streams: list[int], rounds: int, new_tokens: int, gpu: bool, rows: dict,
+def serve_rows(model: dict, tokenizer: str, streams: list[int], rounds: int, new_tokens: int, gpu: bool, rows: dict,
                on_row=lambda: None) -> None:
     """One Serve deployment, then each stream count in turn: its row goes into `rows`, then `on_row()`."""
     import socket
@@ -119,8 +124,8 @@ def serve_rows(preset: str, streams: list[int], rounds: int, new_tokens: int, gp
         port = s.getsockname()[1]
     ray.init(include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    model = {"preset": preset} | ({"llm_dtype": "bf16", "vision_dtype": "bf16"} if gpu and preset != "tiny" else {})
-    settings = from_dict(ServeSettings, {"model": model, "max_batch_size": max(streams), "max_queue": 4 * max(streams),
+    settings = from_dict(ServeSettings, {"model": model, "weights": {"tokenizer": tokenizer},
+                                         "max_batch_size": max(streams), "max_queue": 4 * max(streams),
                                          "max_tokens_limit": max(new_tokens, 300), "batch_wait_ms": 5})
     dep = deployment_class().options(max_ongoing_requests=max(streams) * 2,
                                      ray_actor_options={"num_cpus": 1, "num_gpus": 1 if gpu else 0})
@@ -167,14 +172,14 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     gpu = torch.cuda.is_available()
-    ap.add_argument("--preset", default="vicuna7b" if gpu else "tiny")
+    model_args(ap, gpu)
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--rounds", type=int, default=2, help="requests per stream")
     ap.add_argument("--new-tokens", type=int, default=128 if gpu else 32)
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
 
-    cfg, device, name = machine(args.preset)
+    cfg, device, name, spec = machine(args.preset, args.depth)
     print(f"[bench] serving: preset {args.preset}, streams {args.streams}, {args.new_tokens} new tokens, {name}",
           flush=True)
     rows: dict[str, dict] = {}
@@ -190,9 +195,10 @@ def main(argv=None) -> int:
                       {"preset": args.preset, "new_tokens": args.new_tokens, "device": name, "rows": rows},
                       ", ".join(label for label in labels if label not in rows))
 
-    serve_rows(args.preset, args.streams, args.rounds, args.new_tokens, gpu, rows, on_row=save)
+    tokenizer = tokenizer_dir(cfg)
+    serve_rows(spec, tokenizer, args.streams, args.rounds, args.new_tokens, gpu, rows, on_row=save)
     for n in args.streams:
-        rows[f"HF generate, batch {n}"] = hf_row(cfg, n, args.new_tokens, device)
+        rows[f"HF generate, batch {n}"] = hf_row(cfg, tokenizer, n, args.new_tokens, device)
         save()
     return 0
 

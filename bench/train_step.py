@@ -3,6 +3,7 @@ measured in the same run, samples/s per worker.
 
     python bench/train_step.py                      # GPU: vicuna7b at real sizes, random weights, bf16
     python bench/train_step.py --preset tiny        # CPU (what CI runs): the tiny preset, fp32
+    python bench/train_step.py --preset vicuna7b --depth 1 # CPU: the GPU run's widths, one layer deep, fp32
     python bench/train_step.py --batch-size 64 --steps 40
 
 Rows of the table:
@@ -38,7 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import STORAGE, job_storage, machine, write_results  # bench/ is the script's directory, first on sys.path
+# bench/ is the script's directory, first on sys.path
+from _common import STORAGE, job_storage, machine, model_args, write_results
 
 
 def caption_lengths(n: int, lo: int, hi: int, seed: int = 0) -> list[int]:
@@ -146,9 +148,9 @@ class RayJobs:
     pixels, and from the features that the feature job writes from the same shards. Ray runs only while a
     job does, so the naive loops in between have the machine to themselves."""
 
-    def __init__(self, preset: str, batch_size: int, steps: int, use_gpu: bool, image_size: int, workdir: Path,
+    def __init__(self, model: dict, batch_size: int, steps: int, use_gpu: bool, image_size: int, workdir: Path,
                  storage: str):
-        self.preset, self.batch_size, self.steps, self.use_gpu = preset, batch_size, steps, use_gpu
+        self.model, self.batch_size, self.steps, self.use_gpu = model, batch_size, steps, use_gpu
         self.image_size, self.workdir, self.storage = image_size, workdir, storage
         self.feature_job: dict | None = None
 
@@ -197,7 +199,7 @@ class RayJobs:
         self._ray()
         try:
             self.feature_job = run_features(
-                FeaturesConfig(input=self.pattern, output=f"{self.root}/features/", model={"preset": self.preset},
+                FeaturesConfig(input=self.pattern, output=f"{self.root}/features/", model=dict(self.model),
                                batch_size=self.batch_size, log_every=30.0), say=lambda _: None)
             return self._train({"path": f"{self.root}/features/", "format": "features", "name": "syn"}, "features")
         finally:
@@ -208,7 +210,7 @@ class RayJobs:
         from minigpt4.train import JobConfig, run
 
         job = from_dict(JobConfig, {
-            "model": {"preset": self.preset},
+            "model": dict(self.model),
             "data": {"sources": [source], "errors": str(self.workdir / name / "errors")},
             "train": dict(stage=1, num_workers=1, use_gpu=self.use_gpu, cpus_per_worker=1, batch_size=self.batch_size,
                           epochs=1, iters_per_epoch=self.steps, warmup_steps=self.steps,
@@ -255,7 +257,7 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     gpu = torch.cuda.is_available()
-    ap.add_argument("--preset", default="vicuna7b" if gpu else "tiny")
+    model_args(ap, gpu)
     ap.add_argument("--batch-size", type=int, default=64 if gpu else 32)
     ap.add_argument("--steps", type=int, default=30 if gpu else 20)
     ap.add_argument("--warmup", type=int, default=3)
@@ -268,7 +270,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args(argv)
 
-    cfg, device, name = machine(args.preset)
+    cfg, device, name, spec = machine(args.preset, args.depth)
     print(f"[bench] stage-1 step: preset {args.preset}, batch {args.batch_size}, {args.steps} steps, {name}",
           flush=True)
     lo, hi = args.caption_tokens
@@ -281,7 +283,7 @@ def main(argv=None) -> int:
                                   plan)
 
     rows: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp, RayJobs(args.preset, args.batch_size, args.steps, gpu,
+    with tempfile.TemporaryDirectory() as tmp, RayJobs(spec, args.batch_size, args.steps, gpu,
                                                        cfg.image_size, Path(tmp), args.storage) as jobs:
         # each job right after its naive loop, the pair the targets are about first; every row is saved as
         # it ends, so a run stopped by its timeout still leaves the rows it finished

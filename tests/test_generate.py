@@ -179,6 +179,30 @@ def test_incremental_detokenization_equals_a_full_decode_after_every_token(tiny_
             assert max(window) <= 6, window
 
 
+def test_widened_tokenizer_encodes_as_tiny_and_decodes_every_id(tiny_tokenizer, tmp_path):
+    """The benchmarks' tokenizer for random models at 32,000 ids: the tiny one decodes ids past its 640 to
+    nothing (a stream of such tokens carries no text); widened, every id is a distinct piece that reads as
+    letters, while text (prompts, captions, the pad token) encodes to exactly the tiny tokenizer's ids."""
+    from minigpt4.tokenizer import load_tokenizer, write_widened_tokenizer
+
+    assert tiny_tokenizer.decode([700, 5000, 31999]) == ""
+    wide = load_tokenizer(write_widened_tokenizer(tmp_path, 32000))
+    assert len(wide) == 32000
+    pieces = wide.convert_ids_to_tokens(list(range(32000)))
+    assert len(set(pieces)) == 32000 and pieces[:640] == tiny_tokenizer.convert_ids_to_tokens(list(range(640)))
+    assert all(wide.decode([i]).strip().isalpha() for i in range(640, 32000, 7))
+    words = [i for i in range(640, 700) if pieces[i].startswith("▁")]  # most, as LLaMA's: a space, then letters
+    joined = next(i for i in range(640, 700) if not pieces[i].startswith("▁"))
+    assert len(words) > 40
+    assert wide.decode([1, words[0], words[1], joined, 2], skip_special_tokens=True) == (
+        f"{pieces[words[0]][1:]} {pieces[words[1]][1:]}{pieces[joined]}")
+    text = INSTRUCTION_TEMPLATES["vicuna_v0"].format("<Img><ImageHere></Img> a red circle, naïve 🙂 $$")
+    assert wide(text).input_ids == tiny_tokenizer(text).input_ids
+    assert (wide.pad_token_id, wide.bos_token_id, wide.eos_token_id) == (
+        tiny_tokenizer.pad_token_id, tiny_tokenizer.bos_token_id, tiny_tokenizer.eos_token_id)
+    assert len(load_tokenizer(write_widened_tokenizer(tmp_path / "same", 640))) == 640
+
+
 @pytest.mark.parametrize("static", [True, False])
 def test_min_new_tokens_blocks_eos(tiny_tokenizer, static):
     engine, _, prompts = _scripted(tiny_tokenizer, [[2, 2, 2]], static)

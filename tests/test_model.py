@@ -102,11 +102,13 @@ def test_gradient_reaches_only_the_projection(tiny_model, tiny_tokenizer):
 
 
 @pytest.mark.parametrize("name", ["vicuna7b", "llama2_7b"])
-def test_real_widths_one_layer_deep_train_and_generate_in_bf16(name, tiny_tokenizer):
+def test_real_widths_one_layer_deep_train_and_generate_in_bf16(name, tiny_tokenizer, tmp_path):
     """The real presets' shapes at depth 1, in bf16 as on the GPU box: 224 px images, 32 Q-Former
     queries (LLaMA-2: 64 concatenated patch tokens), the 4096-wide LLM with its 32,000-token head. A
-    stage-1 step trains only llama_proj; the static engine gives the simple path's tokens."""
+    stage-1 step trains only llama_proj; the static engine gives the simple path's tokens, and their text
+    (the benchmarks' tokenizer, widened to the 32,000 ids)."""
     from minigpt4.generate import GenerationEngine, SamplingParams
+    from minigpt4.tokenizer import load_tokenizer, write_widened_tokenizer
 
     base = preset(name)
     cfg = preset(name, vision=dict(base.vision, num_hidden_layers=1), llm=dict(base.llm, num_hidden_layers=1),
@@ -132,9 +134,10 @@ def test_real_widths_one_layer_deep_train_and_generate_in_bf16(name, tiny_tokeni
         embeds = model.generation_inputs(tiny_tokenizer, [prompt] * 2, batch["pixel_values"])
     assert embeds[0].shape[1] == 4096 and embeds[0].shape[0] > tokens + 10 and embeds[0].dtype == torch.bfloat16
     params = SamplingParams(max_new_tokens=5, min_new_tokens=5)
-    static = GenerationEngine(model.llm, tiny_tokenizer).generate(embeds, params)
-    assert static == GenerationEngine(model.llm, tiny_tokenizer, static=False).generate(embeds, params)
-    assert all(len(c.token_ids) == 5 for c in static)
+    wide = load_tokenizer(write_widened_tokenizer(tmp_path, 32000))
+    static = GenerationEngine(model.llm, wide).generate(embeds, params)
+    assert static == GenerationEngine(model.llm, wide, static=False).generate(embeds, params)
+    assert all(len(c.token_ids) == 5 and len(c.text.split()) >= 1 for c in static)
 
 
 def test_train_llm_full_and_lora():

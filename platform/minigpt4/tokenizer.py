@@ -97,6 +97,36 @@ def load_tokenizer(path: str | os.PathLike | None = None):
     return tok
 
 
+def write_widened_tokenizer(directory: str | os.PathLike, vocab_size: int) -> str:
+    """Write the tiny tokenizer widened to `vocab_size` ids into `directory` (returned, for load_tokenizer or
+    `weights.tokenizer`): for random-weight models at a real vocabulary (the benchmarks' 32,000 ids).
+
+    The tiny tokenizer decodes ids past its 640 to nothing, so such a model's text (and the
+    detokenization, stop-string and streaming work on it) would be empty. Here every added id is one
+    ordinary piece of 2-3 syllables, most with a leading `▁` as LLaMA's are, so any sampled id reads as a
+    few letters; no merge reaches them, so text encodes exactly as with the tiny tokenizer."""
+    import shutil
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(TINY_TOKENIZER_DIR / name, out / name)
+    spec = json.loads((TINY_TOKENIZER_DIR / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    n = len(syllables)
+    i = 0
+    while len(vocab) < vocab_size:
+        piece = syllables[i % n] + syllables[i // n % n] + (syllables[i // n // n % n] if i >= n * n else "")
+        if i >= n ** 3:
+            piece += str(i // n ** 3)
+        piece = piece if i % 4 == 3 else "▁" + piece
+        i += 1
+        vocab.setdefault(piece, len(vocab))
+    (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+    return str(out)
+
+
 if __name__ == "__main__":  # regenerate the shipped asset: python -m minigpt4.tokenizer
     t = build_tiny_tokenizer()
     t.save_pretrained(TINY_TOKENIZER_DIR)
