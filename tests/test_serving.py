@@ -229,6 +229,43 @@ def test_warmup_setting(tiny_model, tiny_tokenizer, monkeypatch):
         Batcher(tiny_model, tiny_tokenizer, max_rows=4, wait_s=0, warmup_tokens=512)
 
 
+def test_warmup_runs_on_the_thread_that_decodes(tiny_model, tiny_tokenizer, monkeypatch):
+    """torch.compile's CUDA graphs belong to the thread that records them (one cudagraph-tree manager per
+    thread): a warm-up on the replica's constructor thread would leave the batcher thread to record every
+    width again inside requests. Every decode step, the warm-up's and the requests', runs on the batcher
+    thread; a compiled warm-up runs each width twice (a new shape runs eagerly once, then records)."""
+    import threading
+
+    import torch
+
+    from minigpt4.generate import GenerationEngine, SamplingParams
+    from minigpt4.serving import Batcher, _Job
+
+    steps: list[tuple[str, int]] = []
+    decode = GenerationEngine._decode
+    monkeypatch.setattr(GenerationEngine, "_decode",
+                        lambda self, width: steps.append((threading.current_thread().name, width)) or decode(self, width))
+    batcher = Batcher(tiny_model, tiny_tokenizer, max_rows=4, wait_s=0, warmup_tokens=64)
+    assert steps == [("minigpt4-batcher", w) for w in (1, 2, 4)]  # eager on CPU: once each
+    done, events = threading.Event(), []
+
+    def deliver(kind, payload):
+        events.append(kind)
+        if kind == "error" or payload[1].completion is not None:
+            done.set()
+
+    batcher.submit(_Job(["<Img><ImageHere></Img> a"], [torch.randn(1, 3, 32, 32)], [SamplingParams(max_new_tokens=3)],
+                        deliver))
+    assert done.wait(60) and "error" not in events
+    assert len(steps) > 3 and {name for name, _ in steps} == {"minigpt4-batcher"}
+
+    steps.clear()
+    monkeypatch.setattr(GenerationEngine, "compiles", lambda self, device: True)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # what the engine calls: the step itself
+    Batcher(tiny_model, tiny_tokenizer, max_rows=2, wait_s=0, warmup_tokens=64)
+    assert steps == [("minigpt4-batcher", w) for w in (1, 1, 2, 2)]
+
+
 def test_messages_render_in_each_models_template():
     """OpenAI messages -> MiniGPT-4's conversation: Vicuna v0 `###` turns and LLaMA-2 `[INST]` turns,
     one `<ImageHere>` per image, the system message replacing MiniGPT-4's."""

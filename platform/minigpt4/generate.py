@@ -329,8 +329,9 @@ class GenerationEngine:
         c = self._cache
         c.active.zero_()  # every slot computes, none advances
         widths = sorted({min(c.slots, 1 << i) for i in range(c.slots.bit_length() + 1)})
-        for width in widths:
-            self._decode(width)
+        for width in widths:  # compiled: CUDA graph trees run a new shape eagerly once, then record its graph
+            for _ in range(2 if self._compiled is not None else 1):
+                self._decode(width)
         if logits.device.type == "cuda":
             torch.cuda.synchronize(logits.device)
         return {"slots": c.slots, "capacity": c.capacity, "widths": widths,

@@ -323,7 +323,7 @@ class Batcher:
 
         self.model, self.tokenizer = model, tokenizer
         self.engine = GenerationEngine(model.llm, tokenizer, max_slots=max_rows)
-        self.warmup = self._warm(warmup_tokens) if warmup_tokens else None
+        self.warmup: dict | None = None  # what the warm-up did (None: no warm-up)
         self.wait_s = wait_s
         self.q: queue.Queue[_Job] = queue.Queue()
         self.waiting_rows = 0
@@ -332,10 +332,18 @@ class Batcher:
         self._held: _Job | None = None  # taken from the queue, waiting for free slots (batcher thread only)
         self._owners: dict[int, tuple[_Job, int]] = {}  # engine sequence id -> (job, row)
         self._lock = threading.Lock()
-        threading.Thread(target=self._loop, name="minigpt4-batcher", daemon=True).start()
+        # The warm-up runs on the batcher thread, before its loop: the CUDA graphs that torch.compile records
+        # belong to the thread that records them (cudagraph trees keep one tree manager per thread), so
+        # graphs recorded here, on the constructor's thread, would be recorded again inside requests.
+        ready, failed = threading.Event(), []
+        threading.Thread(target=self._loop, args=(warmup_tokens, ready, failed), name="minigpt4-batcher",
+                         daemon=True).start()
+        ready.wait()
+        if failed:
+            raise failed[0]
 
     def _warm(self, tokens: int) -> dict:
-        """GenerationEngine.warmup for every slot, before the batcher thread starts."""
+        """GenerationEngine.warmup for every slot (on the batcher thread, before it takes requests)."""
         import torch
 
         try:
@@ -388,7 +396,14 @@ class Batcher:
             rows += len(job.prompts)
             deadline = deadline or time.monotonic() + self.wait_s
 
-    def _loop(self) -> None:
+    def _loop(self, warmup_tokens: int, ready: threading.Event, failed: list) -> None:
+        try:
+            self.warmup = self._warm(warmup_tokens) if warmup_tokens else None
+        except BaseException as e:  # the constructor raises it
+            failed.append(e)
+            return
+        finally:
+            ready.set()
         while True:
             jobs = self._take()
             with self._lock:
