@@ -116,6 +116,9 @@ def test_caption_job_equals_direct_generate_and_reruns_as_noop(ray_cluster, capt
     assert summary["images_captioned"] == N_GOOD and summary["units_committed"] == caption_input.units
     assert summary["errors"] == {"corrupt": 2, "empty": 1, "not_image": 1, "bad_aspect": 1}
     assert summary["generated_tokens"] > 0 and summary["images_per_second"] > 0
+    # the rate a long job sustains leaves out the start-up before the first captions (actor, model load)
+    assert summary["generated_tokens_per_second_after_first"] > summary["generated_tokens_per_second"]
+    assert "after the first captions" in caption.format_summary(summary)
     rows = assert_exactly_once(caption_input, out)
     assert json.loads((out / "_summary.json").read_text())["images_captioned"] == N_GOOD
     r = rows[0]
@@ -246,6 +249,7 @@ def test_caption_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     assert report["partial"] is None and list(report["by_batch"]) == ["4"]
     assert rows["our engine"]["tokens"] == rows["HF generate (dynamic cache)"]["tokens"] == 4 * 4
     assert rows["caption job (end to end)"]["storage"] == "a local S3 server"
+    assert "tokens_per_s_after_first" in rows["caption job (end to end)"]  # None when all came in one batch
     detok = report["detokenize"]  # the host's text cost per token, both ways, under the table
     assert set(detok) == {"windowed", "whole sequence"} and all(d["us_per_token"] > 0 for d in detok.values())
     assert "us a token decoding the newest tokens" in table

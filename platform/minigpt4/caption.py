@@ -432,9 +432,9 @@ def run(cfg: CaptionConfig, say=print) -> dict:
     errors = uio.join(cfg.output, ERRORS_DIR)
     if skip and _nothing_left(source, skip, s3):  # no actors started, no model loaded, for nothing
         say("[caption] every unit of the input is committed: nothing to caption")
-        committer, wall, first, partial = Committer(cfg.output, s3, {}), 0.0, None, 0
+        committer, wall, first, steady, partial = Committer(cfg.output, s3, {}), 0.0, None, None, 0
     else:
-        committer, wall, first, partial = _caption(cfg, source, model_cfg, skip, errors, say)
+        committer, wall, first, steady, partial = _caption(cfg, source, model_cfg, skip, errors, say)
     report = summarize(errors, s3)
     summary = {
         "input": cfg.input, "output": cfg.output, "format": source.format, "model": model_cfg.name,
@@ -447,6 +447,8 @@ def run(cfg: CaptionConfig, say=print) -> dict:
         "wall_seconds": round(wall, 2), "first_captions_seconds": round(first or 0.0, 2),
         "images_per_second": round(committer.rows / wall, 3) if wall else 0.0,
         "generated_tokens_per_second": round(committer.tokens / wall, 2) if wall else 0.0,
+        # what a long job sustains: start-up, model load and the first batch (a compile on a GPU) left out
+        "generated_tokens_per_second_after_first": round(steady, 2) if steady else None,
     }
     uio.write_bytes(uio.join(cfg.output, SUMMARY_FILE), json.dumps(summary, indent=1).encode(), s3)
     return summary
@@ -462,7 +464,8 @@ def _nothing_left(source: SourceConfig, done: set[str], s3: uio.S3Options | None
 
 def _caption(cfg: CaptionConfig, source: SourceConfig, model_cfg, skip: set[str], errors: str, say):
     """The pipeline: units not in `skip` -> Captioner actors -> the driver's Committer.
-    Returns (committer, wall seconds, seconds to the first captions, units cut short by `limit`)."""
+    Returns (committer, wall seconds, seconds to the first captions, generated tok/s after the first
+    captions (None with a single batch), units cut short by `limit`)."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -495,20 +498,24 @@ def _caption(cfg: CaptionConfig, source: SourceConfig, model_cfg, skip: set[str]
         f"{lo}{'-' + str(hi) if hi > lo else ''} actor(s) x {num_gpus:g} GPU, batch {cfg.batch_size}")
     t0 = last = time.time()
     first = None  # seconds until the first captions arrive: listing, actor start-up, model load
+    first_tokens = 0
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        if first is None:
-            first = time.time() - t0
+        arrived = time.time()
         committer.add(batch)
+        if first is None:
+            first, first_tokens = arrived - t0, committer.tokens
         if time.time() - last >= cfg.log_every:
             last = time.time()
             dt = last - t0
             say(f"[caption] {committer.rows:,} images in {committer.units:,} units committed, "
                 f"{committer.rows / dt:.1f} images/s, {committer.tokens / dt:.0f} generated tok/s")
     wall = time.time() - t0
+    after = committer.tokens - first_tokens
+    steady = after / (wall - first) if first is not None and after and wall > first else None
     partial = committer.flush_partial() if cfg.limit else 0
     if committer.pending:  # cannot happen unless a unit lost rows: say so rather than drop them quietly
         raise RuntimeError(f"{len(committer.pending)} units ended incomplete: {sorted(committer.pending)[:3]}")
-    return committer, wall, first, partial
+    return committer, wall, first, steady, partial
 
 
 def _weights_id(weights: WeightsConfig) -> str:
@@ -520,9 +527,11 @@ def _weights_id(weights: WeightsConfig) -> str:
 
 
 def format_summary(s: dict) -> str:
+    steady = s.get("generated_tokens_per_second_after_first")
     lines = [f"[caption] done: {s['images_captioned']:,} images captioned in {s['units_committed']:,} units "
              f"({s['wall_seconds']:.1f}s wall, first captions after {s['first_captions_seconds']:.1f}s; "
-             f"{s['images_per_second']:.2f} images/s, {s['generated_tokens_per_second']:.1f} generated tok/s)"]
+             f"{s['images_per_second']:.2f} images/s, {s['generated_tokens_per_second']:.1f} generated tok/s"
+             f"{f', {steady:.1f} after the first captions' if steady else ''})"]
     if s["units_skipped_as_done"]:
         lines.append(f"  {s['units_skipped_as_done']:,} units were already done; the output now holds "
                      f"{s['units_done_total']:,} committed units")
