@@ -38,7 +38,6 @@ import io
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 
@@ -548,93 +547,52 @@ def format_summary(s: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from .jobcli import JobCLI
 
-    import yaml
+    cli = JobCLI("caption", "Batch captioning on a Ray Data actor pool (resumable, exactly once)",
+                 "caption_vicuna7b.yaml", "concurrency=[1,8] batch_size=64")
+    cli.flag("--input", help="images: prefix, webdataset shards, parquet, or cc_sbu_align dir (local or s3://)")
+    cli.flag("--output", help="captions: local directory or s3:// prefix")
+    cli.flag("--prompt", help="instruction (default: 'Describe this image in detail.')")
+    cli.flag("--template", choices=TEMPLATES, help="chat (the model's template) or raw")
+    cli.flag("--weights", action="append", help="MiniGPT-4 .pth (repeat to load several, in order)")
+    cli.flag("--preset", help="model preset (tiny, vicuna7b, vicuna13b, llama2_7b)")
+    cli.flag("--quantize", choices=("none", "int8wo", "8bit", "4bit"),
+             help="LLM quantization: int8wo (weight-only int8, ours), 8bit / 4bit (bitsandbytes)")
+    cli.flag("--max-new-tokens", type=int)
+    cli.flag("--temperature", type=float, help="> 0 turns sampling on")
+    cli.flag("--top-p", type=float)
+    cli.flag("--num-beams", type=int)
+    cli.flag("--limit", type=int, help="caption at most N images (dry run)")
+    cli.flag("--overwrite", action="store_true", help="replace the output's captions instead of resuming")
+    args = cli.parse(argv)
 
-    ap = argparse.ArgumentParser(description="Batch captioning on a Ray Data actor pool (resumable, exactly once)")
-    ap.add_argument("--config", help="job YAML (see jobs/configs/caption_vicuna7b.yaml); none: the embedded default")
-    ap.add_argument("--input", help="images: prefix, webdataset shards, parquet, or cc_sbu_align dir (local or s3://)")
-    ap.add_argument("--output", help="captions: local directory or s3:// prefix")
-    ap.add_argument("--prompt", help="instruction (default: 'Describe this image in detail.')")
-    ap.add_argument("--template", choices=TEMPLATES, help="chat (the model's template) or raw")
-    ap.add_argument("--weights", action="append", help="MiniGPT-4 .pth (repeat to load several, in order)")
-    ap.add_argument("--preset", help="model preset (tiny, vicuna7b, vicuna13b, llama2_7b)")
-    ap.add_argument("--quantize", choices=("none", "int8wo", "8bit", "4bit"),
-                    help="LLM quantization: int8wo (weight-only int8, ours), 8bit / 4bit (bitsandbytes)")
-    ap.add_argument("--max-new-tokens", type=int)
-    ap.add_argument("--temperature", type=float, help="> 0 turns sampling on")
-    ap.add_argument("--top-p", type=float)
-    ap.add_argument("--num-beams", type=int)
-    ap.add_argument("--limit", type=int, help="caption at most N images (dry run)")
-    ap.add_argument("--overwrite", action="store_true", help="replace the output's captions instead of resuming")
-    ap.add_argument("--address", default=None, help="Ray address (default: running cluster, else local)")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. concurrency=[1,8] batch_size=64")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    embedded, runtime_env = None, None
     try:
-        data = yaml.safe_load(open(args.config).read()) or {} if args.config else {}
-        flags = {"input": args.input, "output": args.output, "prompt": args.prompt, "template": args.template,
-                 "limit": args.limit}
-        data.update({k: v for k, v in flags.items() if v is not None})
-        if args.overwrite:
-            data["overwrite"] = True
-        if args.preset:
-            data["model"] = {**data.get("model", {}), "preset": args.preset}
+        data = cli.load(args, input=args.input, output=args.output, prompt=args.prompt, template=args.template,
+                        limit=args.limit)
         if args.quantize:
             data["model"] = {**data.get("model", {"preset": "tiny"}), "quantize_llm": args.quantize}
-        if args.weights:
-            data["weights"] = {**data.get("weights", {}), "minigpt4": args.weights}
         sampling = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
                     "num_beams": args.num_beams}
         if args.temperature is not None:
             sampling["do_sample"] = True
         data["sampling"] = {"max_new_tokens": CAPTION_MAX_NEW_TOKENS, **data.get("sampling", {}),
                             **{k: v for k, v in sampling.items() if v is not None}}
+        data = apply_overrides(data, args.overrides)
         if not data.get("input"):
-            from .embedded import start_embedded
-
-            print("[caption] no --input: the embedded default (tiny model, the synthetic held-out scenes on a "
-                  "local S3 server)")
-            embedded = start_embedded(train_shards=1, samples_per_shard=8, align_samples=8, progress=False)
-            runtime_env = {"env_vars": embedded.env}
+            embedded = cli.start_embedded("no --input: the embedded default (tiny model, the synthetic held-out "
+                                          "scenes on a local S3 server)", train_shards=1, samples_per_shard=8,
+                                          align_samples=8)
             data["input"] = embedded.heldout_images
             data.setdefault("output", "outputs/captions")
             if not args.weights and not data.get("weights"):
                 print("[caption] random tiny weights: the captions are noise. Train first (make demo) and pass "
                       "--weights outputs/demo/pretrain/minigpt4_stage1.pth --weights "
                       "outputs/demo/finetune/minigpt4_stage2.pth model.preset=tiny_demo")
-        cfg = from_dict(CaptionConfig, apply_overrides(data, args.overrides))
-        if cfg.output and not uio.is_s3(cfg.output):
-            cfg.output = os.path.abspath(cfg.output)
+        cfg = cli.config(CaptionConfig, data)
         cfg.model_config()
         cfg.format = source_config(cfg).format  # an unreadable or unknown input fails here, before Ray starts
     except (ConfigError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        if embedded:
-            embedded.stop()
-        return 2
+        return cli.error(e)
 
-    return run_on_ray(lambda: format_summary(run(cfg)), args.address, runtime_env, embedded)
-
-
-def run_on_ray(job, address: str | None, runtime_env: dict | None, embedded=None) -> int:
-    """The command-line tail of the Ray Data jobs (caption, evaluate, curate): connect to Ray, run
-    `job()` (which returns the text to print), then disconnect and stop the embedded S3 server; a
-    ValueError or ObjectError from the job is a one-line error and exit code 2."""
-    import ray
-
-    ray.init(address=address, runtime_env=runtime_env, include_dashboard=False)
-    try:
-        text = job()
-    except (ValueError, uio.ObjectError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        ray.shutdown()
-        if embedded:
-            embedded.stop()
-    print(text)
-    return 0
+    return cli.run(lambda: format_summary(run(cfg)), args.address)

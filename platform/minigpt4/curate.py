@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import re
-import sys
 import threading
 import time
 import urllib.error
@@ -50,7 +49,7 @@ from dataclasses import dataclass, field
 from http.client import HTTPException
 
 from . import caption, filters
-from .config import ConfigError, apply_overrides, from_dict
+from .config import ConfigError, apply_overrides
 from .data import io as uio
 from .generate import SamplingParams
 from .weights import WeightsConfig
@@ -528,61 +527,40 @@ def format_report(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from .jobcli import JobCLI
 
-    import yaml
+    cli = JobCLI("curate", "Stage-2 data curation: describe, fix, filter -> cc_sbu_align", "curate_vicuna7b.yaml",
+                 "min_tokens=80 fixer.concurrency=16")
+    cli.flag("--input", help="images: prefix, webdataset shards, parquet, or cc_sbu_align dir (local or s3://)")
+    cli.flag("--output", help="the cc_sbu_align set: local directory or s3:// prefix")
+    cli.flag("--weights", action="append", help="MiniGPT-4 .pth (repeat to load several, in order)")
+    cli.flag("--preset", help="model preset (tiny, tiny_demo, vicuna7b, vicuna13b, llama2_7b)")
+    cli.flag("--fixer-url", help="OpenAI-compatible server that fixes the descriptions (optional)")
+    cli.flag("--fixer-model", help="the model the fixer serves")
+    cli.flag("--limit", type=int, help="describe at most N images (dry run)")
+    cli.flag("--overwrite", action="store_true", help="start over instead of resuming")
+    args = cli.parse(argv)
 
-    ap = argparse.ArgumentParser(description="Stage-2 data curation: describe, fix, filter -> cc_sbu_align")
-    ap.add_argument("--config", help="job YAML (see jobs/configs/curate_vicuna7b.yaml); none: the embedded default")
-    ap.add_argument("--input", help="images: prefix, webdataset shards, parquet, or cc_sbu_align dir (local or s3://)")
-    ap.add_argument("--output", help="the cc_sbu_align set: local directory or s3:// prefix")
-    ap.add_argument("--weights", action="append", help="MiniGPT-4 .pth (repeat to load several, in order)")
-    ap.add_argument("--preset", help="model preset (tiny, tiny_demo, vicuna7b, vicuna13b, llama2_7b)")
-    ap.add_argument("--fixer-url", help="OpenAI-compatible server that fixes the descriptions (optional)")
-    ap.add_argument("--fixer-model", help="the model the fixer serves")
-    ap.add_argument("--limit", type=int, help="describe at most N images (dry run)")
-    ap.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
-    ap.add_argument("--address", default=None, help="Ray address (default: running cluster, else local)")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. min_tokens=80 fixer.concurrency=16")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    embedded, runtime_env = None, None
     try:
-        data = yaml.safe_load(open(args.config).read()) or {} if args.config else {}
-        data.update({k: v for k, v in {"input": args.input, "output": args.output, "limit": args.limit}.items()
-                     if v is not None})
-        if args.overwrite:
-            data["overwrite"] = True
-        if args.preset:
-            data["model"] = {**data.get("model", {}), "preset": args.preset}
-        if args.weights:
-            data["weights"] = {**data.get("weights", {}), "minigpt4": args.weights}
+        data = cli.load(args, input=args.input, output=args.output, limit=args.limit)
         fixer = {"url": args.fixer_url, "model": args.fixer_model}
         data["fixer"] = {**data.get("fixer", {}), **{k: v for k, v in fixer.items() if v is not None}}
+        data = apply_overrides(data, args.overrides)
         if not data.get("input"):
-            from .embedded import start_embedded
-
-            print("[curate] no --input: the embedded default (tiny model, the synthetic held-out scenes on a "
-                  "local S3 server)")
-            embedded = start_embedded(train_shards=1, samples_per_shard=8, align_samples=8, progress=False)
-            runtime_env = {"env_vars": embedded.env}
+            embedded = cli.start_embedded("no --input: the embedded default (tiny model, the synthetic held-out "
+                                          "scenes on a local S3 server)", train_shards=1, samples_per_shard=8,
+                                          align_samples=8)
             data["input"] = embedded.heldout_images
             data.setdefault("output", "outputs/curate")
             if not args.weights and not data.get("weights"):
                 print("[curate] random tiny weights: the descriptions are noise and the filters drop them. Train "
                       "first (make demo) and pass --weights outputs/demo/pretrain/minigpt4_stage1.pth "
                       "--preset tiny_demo")
-        cfg = from_dict(CurateConfig, apply_overrides(data, args.overrides))
-        if cfg.output and not uio.is_s3(cfg.output):
-            cfg.output = os.path.abspath(cfg.output)
+        cfg = cli.config(CurateConfig, data)
         caption_cfg = cfg.caption_config()
         caption_cfg.model_config()
         cfg.format = caption.source_config(caption_cfg).format  # an unreadable or unknown input fails here
     except (ConfigError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        if embedded:
-            embedded.stop()
-        return 2
+        return cli.error(e)
 
-    return caption.run_on_ray(lambda: format_report(run(cfg)), args.address, runtime_env, embedded)
+    return cli.run(lambda: format_report(run(cfg)), args.address)

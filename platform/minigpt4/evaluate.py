@@ -38,15 +38,12 @@ import copy
 import dataclasses
 import io
 import json
-import logging
-import os
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import caption
-from .config import ConfigError, apply_overrides, from_dict
+from .config import ConfigError, apply_overrides
 from .data import io as uio
 from .generate import SamplingParams
 from .metrics import (Vocabulary, bleu, chair, cider_d, coco_vocabulary, synthetic_objects, synthetic_vocabulary,
@@ -483,53 +480,34 @@ def _embedded_weights(data: dict, say=print) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from .jobcli import JobCLI
 
-    import yaml
+    cli = JobCLI("evaluate", "Caption a labelled set under several prompts; BLEU, CIDEr-D, CHAIR",
+                 "evaluate_vicuna7b.yaml", "vocabulary=coco batch_size=64")
+    cli.flag("--input", help="images: prefix, webdataset shards, parquet (local or s3://)")
+    cli.flag("--annotations", help="COCO captions JSON or the synthetic held-out annotations.json")
+    cli.flag("--instances", help="COCO instances JSON (objects for CHAIR)")
+    cli.flag("--output", help="captions and report: local directory or s3:// prefix")
+    cli.flag("--weights", action="append", help="MiniGPT-4 .pth (repeat to load several, in order)")
+    cli.flag("--preset", help="model preset (tiny, tiny_demo, vicuna7b, vicuna13b, llama2_7b)")
+    cli.flag("--max-new-tokens", type=int)
+    cli.flag("--limit", type=int, help="caption at most N images per prompt (dry run)")
+    cli.flag("--overwrite", action="store_true", help="caption again instead of resuming")
+    args = cli.parse(argv)
 
-    ap = argparse.ArgumentParser(description="Caption a labelled set under several prompts; BLEU, CIDEr-D, CHAIR")
-    ap.add_argument("--config", help="job YAML (see jobs/configs/evaluate_vicuna7b.yaml); none: the embedded default")
-    ap.add_argument("--input", help="images: prefix, webdataset shards, parquet (local or s3://)")
-    ap.add_argument("--annotations", help="COCO captions JSON or the synthetic held-out annotations.json")
-    ap.add_argument("--instances", help="COCO instances JSON (objects for CHAIR)")
-    ap.add_argument("--output", help="captions and report: local directory or s3:// prefix")
-    ap.add_argument("--weights", action="append", help="MiniGPT-4 .pth (repeat to load several, in order)")
-    ap.add_argument("--preset", help="model preset (tiny, tiny_demo, vicuna7b, vicuna13b, llama2_7b)")
-    ap.add_argument("--max-new-tokens", type=int)
-    ap.add_argument("--limit", type=int, help="caption at most N images per prompt (dry run)")
-    ap.add_argument("--overwrite", action="store_true", help="caption again instead of resuming")
-    ap.add_argument("--address", default=None, help="Ray address (default: running cluster, else local)")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. vocabulary=coco batch_size=64")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    embedded, runtime_env = None, None
     try:
-        data = yaml.safe_load(open(args.config).read()) or {} if args.config else {}
-        flags = {"input": args.input, "annotations": args.annotations, "instances": args.instances,
-                 "output": args.output, "limit": args.limit}
-        data.update({k: v for k, v in flags.items() if v is not None})
-        if args.overwrite:
-            data["overwrite"] = True
-        if args.preset:
-            data["model"] = {**data.get("model", {}), "preset": args.preset}
-        if args.weights:
-            data["weights"] = {**data.get("weights", {}), "minigpt4": args.weights}
+        data = cli.load(args, input=args.input, annotations=args.annotations, instances=args.instances,
+                        output=args.output, limit=args.limit)
         if args.max_new_tokens:
             data["sampling"] = {**data.get("sampling", {}), "max_new_tokens": args.max_new_tokens}
         data = apply_overrides(data, args.overrides)
         if not data.get("input"):
-            from .embedded import start_embedded
-
-            print("[evaluate] no --input: the embedded default (the synthetic held-out scenes on a local S3 server)")
-            embedded = start_embedded(train_shards=0, align_samples=0, progress=False)
-            runtime_env = {"env_vars": embedded.env}
+            embedded = cli.start_embedded("no --input: the embedded default (the synthetic held-out scenes on a "
+                                          "local S3 server)", train_shards=0, align_samples=0)
             data.update(input=embedded.heldout_images, annotations=embedded.heldout_annotations)
             data.setdefault("output", "outputs/evaluate")
             _embedded_weights(data)
-        cfg = from_dict(EvaluateConfig, data)
-        if cfg.output and not uio.is_s3(cfg.output):
-            cfg.output = os.path.abspath(cfg.output)
+        cfg = cli.config(EvaluateConfig, data)
         if not (cfg.annotations and cfg.output):
             raise ValueError("--annotations and --output are required with --input")
         annotations = load_annotations(cfg.annotations, cfg.instances, cfg.s3)  # bad files fail before Ray starts
@@ -538,10 +516,6 @@ def main(argv: list[str] | None = None) -> int:
         first.model_config()
         cfg.format = caption.source_config(first).format
     except (ConfigError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        if embedded:
-            embedded.stop()
-        return 2
+        return cli.error(e)
 
-    return caption.run_on_ray(lambda: markdown(run(cfg, annotations=annotations)), args.address, runtime_env,
-                              embedded)
+    return cli.run(lambda: markdown(run(cfg, annotations=annotations)), args.address)

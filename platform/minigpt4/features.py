@@ -40,8 +40,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from .caption import (ERRORS_DIR, SUMMARY_FILE, Committer, _nothing_left, check_pinned, clear_output, done_units,
-                      run_on_ray, source_config)
+                      source_config)
 from .config import ConfigError, apply_overrides, from_dict, to_dict
 from .data import io as uio
 from .data.process import ProcessConfig
@@ -384,59 +382,36 @@ def format_summary(s: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
+    from .jobcli import JobCLI
 
-    import yaml
+    cli = JobCLI("features", "Frozen-feature cache: the encoder's output per image, on a Ray Data actor pool "
+                             "(resumable)", "features_vicuna7b.yaml", "weights.blip2=s3://... batch_size=128")
+    cli.flag("--input", help="images: webdataset shards, parquet, image prefix or cc_sbu_align (local or s3://)")
+    cli.flag("--output", help="feature files: local directory or s3:// prefix")
+    cli.flag("--preset", help="model preset (tiny, vicuna7b, vicuna13b)")
+    cli.flag("--dtype", choices=FEATURE_DTYPES, help="stored feature dtype (default float16)")
+    cli.flag("--overwrite", action="store_true", help="replace the output's features instead of resuming")
+    args = cli.parse(argv)
 
-    ap = argparse.ArgumentParser(description="Frozen-feature cache: the encoder's output per image, on a Ray Data "
-                                             "actor pool (resumable)")
-    ap.add_argument("--config", help="job YAML (see jobs/configs/features_vicuna7b.yaml); none: the embedded default")
-    ap.add_argument("--input", help="images: webdataset shards, parquet, image prefix or cc_sbu_align (local or s3://)")
-    ap.add_argument("--output", help="feature files: local directory or s3:// prefix")
-    ap.add_argument("--preset", help="model preset (tiny, vicuna7b, vicuna13b)")
-    ap.add_argument("--dtype", choices=FEATURE_DTYPES, help="stored feature dtype (default float16)")
-    ap.add_argument("--overwrite", action="store_true", help="replace the output's features instead of resuming")
-    ap.add_argument("--address", default=None, help="Ray address (default: running cluster, else local)")
-    ap.add_argument("overrides", nargs="*",
-                    help="dotted key=value overrides, e.g. weights.blip2=s3://... batch_size=128")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    embedded, runtime_env = None, None
     try:
-        data = yaml.safe_load(open(args.config).read()) or {} if args.config else {}
-        data.update({k: v for k, v in {"input": args.input, "output": args.output, "dtype": args.dtype}.items()
-                     if v is not None})
-        if args.overwrite:
-            data["overwrite"] = True
-        if args.preset:
-            data["model"] = {**data.get("model", {}), "preset": args.preset}
+        data = apply_overrides(cli.load(args, input=args.input, output=args.output, dtype=args.dtype), args.overrides)
         if not data.get("input"):
-            from .embedded import start_embedded
-
-            print("[features] no --input: the embedded default (tiny preset, random weights, the synthetic "
-                  "stage-1 shards on a local S3 server)")
-            embedded = start_embedded(train_shards=4, samples_per_shard=64, align_samples=8, heldout_samples=8,
-                                      progress=False)
-            runtime_env = {"env_vars": embedded.env}
+            embedded = cli.start_embedded("no --input: the embedded default (tiny preset, random weights, the "
+                                          "synthetic stage-1 shards on a local S3 server)", train_shards=4,
+                                          samples_per_shard=64, align_samples=8, heldout_samples=8)
             data["input"] = embedded.pretrain
             data.setdefault("output", "outputs/features")
-        cfg = from_dict(FeaturesConfig, apply_overrides(data, args.overrides))
-        if cfg.output and not uio.is_s3(cfg.output):
-            cfg.output = os.path.abspath(cfg.output)
+        cfg = cli.config(FeaturesConfig, data)
         cfg.model_config()
         cfg.format = cfg.source().format  # an unreadable or unknown input fails here, before Ray starts
     except (ConfigError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        if embedded:
-            embedded.stop()
-        return 2
+        return cli.error(e)
 
     def job() -> str:
         text = format_summary(run(cfg))
-        if embedded:
+        if cli.embedded:
             text += ("\n  e.g. python jobs/pretrain.py 'model={preset: tiny}' "
                      f"'data.sources=[{{format: features, path: {cfg.output}, name: features}}]'")
         return text
 
-    return run_on_ray(job, args.address, runtime_env, embedded)
+    return cli.run(job, args.address)

@@ -640,53 +640,33 @@ def prepare_job(job: JobConfig, stage: int) -> JobConfig:
 
 
 def main(stage: int, argv: list[str] | None = None) -> int:
-    import argparse
-    import sys
-
-    import yaml
-
-    from .config import ConfigError, apply_overrides, from_dict
+    from .config import ConfigError, apply_overrides
+    from .jobcli import JobCLI
 
     what = "pretrain (stage 1)" if stage == 1 else "finetune (stage 2)"
-    ap = argparse.ArgumentParser(description=f"MiniGPT-4 {what} on Ray Train + DeepSpeed")
-    ap.add_argument("--config", help="job YAML (model, weights, data, train); none: the embedded default")
-    ap.add_argument("--address", default=None, help="Ray address (default: running cluster, else local)")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.num_workers=16")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli = JobCLI(what, f"MiniGPT-4 {what} on Ray Train + DeepSpeed",
+                 f"{'pretrain' if stage == 1 else 'finetune'}_vicuna7b.yaml: model, weights, data, train",
+                 "train.num_workers=16")
+    args = cli.parse(argv)
 
-    embedded, runtime_env = None, None
     try:
         if args.config:
-            data = yaml.safe_load(Path(args.config).read_text()) or {}
+            data = cli.load(args)
         else:
-            from .embedded import start_embedded
-
-            print(f"[{what}] no --config: the embedded default (tiny model, synthetic data on a local S3 server)")
-            embedded = start_embedded(progress=False)
-            runtime_env = {"env_vars": embedded.env}
+            embedded = cli.start_embedded("no --config: the embedded default (tiny model, synthetic data on a local "
+                                          "S3 server)")
             data = embedded_job(stage, embedded)
         data.setdefault("train", {})["stage"] = stage
-        job = prepare_job(from_dict(JobConfig, apply_overrides(data, args.overrides)), stage)
+        job = prepare_job(cli.config(JobConfig, apply_overrides(data, args.overrides)), stage)
     except (ConfigError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        if embedded:
-            embedded.stop()
-        return 2
+        return cli.error(e)
 
-    import ray
+    def fit() -> str:
+        t0 = time.time()
+        out = finish(job, run(job))
+        return f"[{what}] done in {time.time() - t0:.1f}s: {json.dumps(out)}"
 
-    ray.init(address=args.address, runtime_env=runtime_env, include_dashboard=False)
-    t0 = time.time()
-    try:
-        result = run(job)
-        out = finish(job, result)
-    finally:
-        ray.shutdown()
-        if embedded:
-            embedded.stop()
-    print(f"[{what}] done in {time.time() - t0:.1f}s: {json.dumps(out)}")
-    return 0
+    return cli.run(fit, args.address)
 
 
 def finish(job: JobConfig, result) -> dict:
