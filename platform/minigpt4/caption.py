@@ -580,11 +580,7 @@ def main(argv: list[str] | None = None) -> int:
                             **{k: v for k, v in sampling.items() if v is not None}}
         data = apply_overrides(data, args.overrides)
         if not data.get("input"):
-            embedded = cli.start_embedded("no --input: the embedded default (tiny model, the synthetic held-out "
-                                          "scenes on a local S3 server)", train_shards=1, samples_per_shard=8,
-                                          align_samples=8)
-            data["input"] = embedded.heldout_images
-            data.setdefault("output", "outputs/captions")
+            cli.start_heldout(data, "outputs/captions", "tiny model, ")
             if not args.weights and not data.get("weights"):
                 print("[caption] random tiny weights: the captions are noise. Train first (make demo) and pass "
                       "--weights outputs/demo/pretrain/minigpt4_stage1.pth --weights "

@@ -547,11 +547,7 @@ def main(argv: list[str] | None = None) -> int:
         data["fixer"] = {**data.get("fixer", {}), **{k: v for k, v in fixer.items() if v is not None}}
         data = apply_overrides(data, args.overrides)
         if not data.get("input"):
-            embedded = cli.start_embedded("no --input: the embedded default (tiny model, the synthetic held-out "
-                                          "scenes on a local S3 server)", train_shards=1, samples_per_shard=8,
-                                          align_samples=8)
-            data["input"] = embedded.heldout_images
-            data.setdefault("output", "outputs/curate")
+            cli.start_heldout(data, "outputs/curate", "tiny model, ")
             if not args.weights and not data.get("weights"):
                 print("[curate] random tiny weights: the descriptions are noise and the filters drop them. Train "
                       "first (make demo) and pass --weights outputs/demo/pretrain/minigpt4_stage1.pth "

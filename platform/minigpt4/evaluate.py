@@ -502,10 +502,8 @@ def main(argv: list[str] | None = None) -> int:
             data["sampling"] = {**data.get("sampling", {}), "max_new_tokens": args.max_new_tokens}
         data = apply_overrides(data, args.overrides)
         if not data.get("input"):
-            embedded = cli.start_embedded("no --input: the embedded default (the synthetic held-out scenes on a "
-                                          "local S3 server)", train_shards=0, align_samples=0)
-            data.update(input=embedded.heldout_images, annotations=embedded.heldout_annotations)
-            data.setdefault("output", "outputs/evaluate")
+            cli.start_heldout(data, "outputs/evaluate")
+            data["annotations"] = cli.embedded.heldout_annotations
             _embedded_weights(data)
         cfg = cli.config(EvaluateConfig, data)
         if not (cfg.annotations and cfg.output):

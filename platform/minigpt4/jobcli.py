@@ -63,6 +63,14 @@ class JobCLI:
         self.embedded = start_embedded(progress=False, **kw)
         return self.embedded
 
+    def start_heldout(self, data: dict, output: str, model: str = "") -> None:
+        """The embedded default of the jobs that read images (caption, curate, evaluate): the synthetic
+        held-out scenes (and nothing else) on a local S3 server as the input; `output` unless one is set."""
+        embedded = self.start_embedded(f"no --input: the embedded default ({model}the synthetic held-out scenes on "
+                                       "a local S3 server)", train_shards=0, align_samples=0)
+        data["input"] = embedded.heldout_images
+        data.setdefault("output", output)
+
     @staticmethod
     def config(cls, data: dict):
         """from_dict(cls, data), a local `output` made absolute (Ray's workers run elsewhere)."""
