@@ -213,8 +213,8 @@ def table(by_batch: dict, job: dict | None, args, name: str) -> str:
         lines += ["", f"The job read {args.job_images} JPEGs from {job['storage']}; its {job['seconds']:.1f} s "
                   f"include {job['first_captions_seconds']:.1f} s before the first captions reached the driver "
                   "(listing, actor start-up, model load, and the first batch, which on a GPU compiles the decode "
-                  "step). After the first captions, the rate a long job sustains; against the best HF row of its "
-                  "batch size."]
+                  "step)." + (" The row after its first captions is the rate a long job sustains, against the best "
+                              "HF row of its batch size." if job["tokens_per_s_after_first"] else "")]
     return "\n".join(lines)
 
 

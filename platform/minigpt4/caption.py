@@ -509,8 +509,8 @@ def _caption(cfg: CaptionConfig, source: SourceConfig, model_cfg, skip: set[str]
             say(f"[caption] {committer.rows:,} images in {committer.units:,} units committed, "
                 f"{committer.rows / dt:.1f} images/s, {committer.tokens / dt:.0f} generated tok/s")
     wall = time.time() - t0
-    after = committer.tokens - first_tokens
-    steady = after / (wall - first) if first is not None and after and wall > first else None
+    after = committer.tokens - first_tokens  # a rate over less than a second would be a burst, not a rate
+    steady = after / (wall - first) if first is not None and after and wall - first >= 1.0 else None
     partial = committer.flush_partial() if cfg.limit else 0
     if committer.pending:  # cannot happen unless a unit lost rows: say so rather than drop them quietly
         raise RuntimeError(f"{len(committer.pending)} units ended incomplete: {sorted(committer.pending)[:3]}")
