@@ -464,7 +464,7 @@ def _nothing_left(source: SourceConfig, done: set[str], s3: uio.S3Options | None
 def _caption(cfg: CaptionConfig, source: SourceConfig, model_cfg, skip: set[str], errors: str, say):
     """The pipeline: units not in `skip` -> Captioner actors -> the driver's Committer.
     Returns (committer, wall seconds, seconds to the first captions, generated tok/s after the first
-    captions (None with a single batch), units cut short by `limit`)."""
+    captions (None when the rest came within a second), units cut short by `limit`)."""
     import ray
     from ray.data import ActorPoolStrategy
 

@@ -109,8 +109,7 @@ def write_widened_tokenizer(directory: str | os.PathLike, vocab_size: int) -> st
 
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(TINY_TOKENIZER_DIR / name, out / name)
+    shutil.copy(TINY_TOKENIZER_DIR / "tokenizer_config.json", out / "tokenizer_config.json")
     spec = json.loads((TINY_TOKENIZER_DIR / "tokenizer.json").read_text())
     vocab = spec["model"]["vocab"]
     syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
