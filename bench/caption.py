@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 
 # bench/ is the script's directory, first on sys.path
+from _ceilings import (Target, applies, decode_ceiling, decode_flops_per_token, kv_bytes_per_token, llm_decode_bytes,
+                       measure_rates, section)
 from _common import STORAGE, job_storage, machine, model_args, tokenizer_dir, write_results
 
 HF_DYNAMIC, HF_STATIC = "HF generate (dynamic cache)", "HF generate (static cache)"
@@ -71,14 +73,20 @@ def build(cfg, device, tokenizer: str):
     return model, load_tokenizer(tokenizer)
 
 
+def caption_prompt(cfg) -> str:
+    from minigpt4.prompts import INSTRUCTION_TEMPLATES
+
+    return INSTRUCTION_TEMPLATES[cfg.template].format("<Img><ImageHere></Img> Describe this image in detail.")
+
+
 def generators(model, tok, cfg, batch_size: int, device, gpu: bool) -> dict:
     """Row label -> run(new_tokens) -> generated token ids per image, every run from the pixels on."""
     import torch
 
     from minigpt4.generate import GenerationEngine, SamplingParams
-    from minigpt4.prompts import END_SYMS, INSTRUCTION_TEMPLATES
+    from minigpt4.prompts import END_SYMS
 
-    prompt = INSTRUCTION_TEMPLATES[cfg.template].format("<Img><ImageHere></Img> Describe this image in detail.")
+    prompt = caption_prompt(cfg)
     pixels = torch.randn(batch_size, 3, cfg.image_size, cfg.image_size, device=device)
 
     def embeds():
@@ -218,6 +226,40 @@ def table(by_batch: dict, job: dict | None, args, name: str) -> str:
     return "\n".join(lines)
 
 
+def ceiling(model, tok, cfg, batch: int, new_tokens: int, rates: dict, device) -> dict:
+    """`decode_ceiling` of the bench's model at `batch`: the prompt's positions (image tokens included) plus
+    half the new tokens on average, against the static cache's capacity (prompt + new tokens, in the
+    engine's CAPACITY_STEPs)."""
+    import torch
+
+    from minigpt4.generate import CAPACITY_STEP
+
+    pixels = torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device)
+    with torch.no_grad():
+        prompt = model.generation_inputs(tok, [caption_prompt(cfg)], pixels)[0].shape[0]
+    context = prompt + new_tokens / 2
+    capacity = -(-(prompt + new_tokens) // CAPACITY_STEP) * CAPACITY_STEP
+    return decode_ceiling(rates, llm_decode_bytes(model.llm), kv_bytes_per_token(model.llm),
+                          decode_flops_per_token(model.llm, context), batch, context, capacity)
+
+
+def targets(by_batch: dict, job: dict | None, largest: int, limit: dict) -> list[Target]:
+    """Captioning >= 10,000 generated tok/s per GPU (issue 5's acceptance), then 15,000 (DESIGN.md section 8),
+    by our engine at the largest batch, and the first by the caption job once its first captions are in;
+    each against the best HF row at that batch size."""
+    rows = by_batch.get(largest, {})
+    hf = [(label, r["tokens_per_s"]) for label, r in rows.items() if label.startswith("HF")]
+    best_hf = max(hf, key=lambda x: x[1]) if hf else None
+    engine = rows[OURS]["tokens_per_s"] if OURS in rows else None
+    steady = job and job.get("tokens_per_s_after_first")
+    return [Target(f"captioning >= {goal:,} generated tok/s per GPU, {what}", goal, "tok/s", measured, label,
+                   baseline=best_hf, ceiling=limit["tokens_per_s"], arithmetic=limit["arithmetic"])
+            for what, measured, label, goal in ((f"our engine at batch {largest}", engine, OURS, 10_000),
+                                                (f"our engine at batch {largest}", engine, OURS, 15_000),
+                                                ("the caption job after its first captions", steady, JOB_AFTER_FIRST,
+                                                 10_000))]
+
+
 def detokenize_cost(llm, tok, batch: int, new_tokens: int) -> dict:
     """Host time of the text of each generated token (the engine's per-token check: detokenize, stop
     strings, UTF-8 hold-back) for `batch` rows of `new_tokens` tokens of English descriptions, decoding
@@ -268,6 +310,9 @@ def main(argv=None) -> int:
     model, tok = build(cfg, device, tokenizer)
     weights = torch.cuda.memory_allocated() if device.type == "cuda" else 0  # nothing else is on the GPU yet
     largest = max(args.batch_size)
+    rates = measure_rates(device)
+    limit = ceiling(model, tok, cfg, largest, args.new_tokens, rates, device)
+    print(f"[bench] {rates['how']}; ceiling at {limit['arithmetic']}", flush=True)
     detok = detokenize_cost(model.llm, tok, largest, args.new_tokens)
     print(f"[bench] text per generated token (host): {detok}", flush=True)
     w, whole = detok["windowed"], detok["whole sequence"]
@@ -279,10 +324,13 @@ def main(argv=None) -> int:
 
     def save(remaining: list[str]):
         ordered = dict(sorted(by_batch.items()))
-        write_results(args.out, "caption", table(ordered, job, args, name) + note,
+        words, verdicts = section(targets(by_batch, job, largest, limit), rates,
+                                  applies(args.preset, args.depth, device), f"`{args.preset}` on {name}")
+        write_results(args.out, "caption", table(ordered, job, args, name) + note + "\n" + words,
                       {"preset": args.preset, "new_tokens": args.new_tokens, "device": name, "detokenize": detok,
                        "rows": by_batch.get(largest, {}) | ({JOB: job} if job else {}),
-                       "by_batch": ordered, "same_tokens_as_our_engine": same}, ", ".join(remaining))
+                       "by_batch": ordered, "same_tokens_as_our_engine": same, "rates": rates, "ceiling": limit,
+                       "targets": verdicts}, ", ".join(remaining))
 
     # the largest batch (the captioning target) first, then the rest from batch 1 up; the table is saved after
     # each, so a run stopped by its timeout still leaves the batch sizes it finished

@@ -27,6 +27,8 @@ import threading
 import time
 
 # bench/ is the script's directory, first on sys.path
+from _ceilings import (Target, applies, decode_ceiling, decode_flops_per_token, kv_bytes_per_token, llm_decode_bytes,
+                       measure_rates, section)
 from _common import machine, model_args, tokenizer_dir, write_results
 
 PROMPT = "Describe this image in detail."
@@ -42,27 +44,36 @@ def image_url() -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def hf_row(cfg, tokenizer: str, batch: int, new_tokens: int, device) -> dict:
+def chat_prompt(cfg) -> tuple[str, "torch.Tensor"]:  # noqa: F821
+    """(prompt, (1, 3, S, S) pixels): the conversation the app builds from a bench request."""
     import torch
 
     from minigpt4.images import load_image, preprocess
-    from minigpt4.model import build_model
     from minigpt4.prompts import CHAT_SYSTEM, Conversation
-    from minigpt4.tokenizer import load_tokenizer
 
-    torch.manual_seed(0)
-    model = build_model(cfg, device=device).eval()
-    tok = load_tokenizer(tokenizer)
     conv = Conversation.for_template(cfg.template, system=CHAT_SYSTEM)
     url = image_url()
     px = torch.from_numpy(preprocess(load_image(base64.b64decode(url.split(",", 1)[1])), cfg.image_size))[None]
     conv.add_image(px)
     conv.ask(PROMPT)
+    return conv.prompt(), px
+
+
+def hf_row(cfg, tokenizer: str, batch: int, new_tokens: int, device) -> dict:
+    import torch
+
+    from minigpt4.model import build_model
+    from minigpt4.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    model = build_model(cfg, device=device).eval()
+    tok = load_tokenizer(tokenizer)
+    prompt, px = chat_prompt(cfg)
     pixels = px.repeat(batch, 1, 1, 1).to(device)
 
     def run():
         with torch.no_grad():
-            x = torch.stack(model.generation_inputs(tok, [conv.prompt()] * batch, pixels))
+            x = torch.stack(model.generation_inputs(tok, [prompt] * batch, pixels))
             out = model.llm.generate(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long,
                                                                                   device=device),
                                      max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -108,8 +119,9 @@ def stream_once(base: str, model: str, url: str, new_tokens: int) -> tuple[float
 
 
 def serve_rows(model: dict, tokenizer: str, streams: list[int], rounds: int, new_tokens: int, gpu: bool, rows: dict,
-               on_row=lambda: None) -> None:
-    """One Serve deployment, then each stream count in turn: its row goes into `rows`, then `on_row()`."""
+               on_row=lambda warmup: None) -> None:
+    """One Serve deployment, then each stream count in turn: its row goes into `rows`, then `on_row(the
+    replica's warm-up as /healthz reports it)`."""
     import socket
 
     import ray
@@ -161,10 +173,40 @@ def serve_rows(model: dict, tokenizer: str, streams: list[int], rounds: int, new
                 "per_stream_tokens_per_s": statistics.median((r[2] - 1) / max(r[1] - r[0], 1e-9) for r in results),
                 "requests": len(results)}
             print(f"[bench] serve {n} streams: {rows[f'serve, {n} streams']['tokens_per_s']:.1f} tok/s", flush=True)
-            on_row()
+            on_row(warm)
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def ceilings(cfg, tokenizer: str, new_tokens: int, rates: dict, batches: list[int], capacity: int | None) -> dict:
+    """`decode_ceiling` per batch size for the bench's chat (its prompt, image tokens included, plus half the
+    new tokens on average), the LLM counted on the meta device; `capacity`: the replica's static cache
+    positions, which its decode step attends over (ServeSettings.warmup_tokens sizes it)."""
+    from minigpt4.model import build_model
+    from minigpt4.prompts import tokenize_segments
+    from minigpt4.tokenizer import load_tokenizer
+
+    llm = build_model(cfg, device="meta").llm
+    prompt, _ = chat_prompt(cfg)
+    segments = tokenize_segments(load_tokenizer(tokenizer), prompt, bos=True)
+    context = sum(map(len, segments)) + (len(segments) - 1) * cfg.num_image_tokens + new_tokens / 2
+    return {b: decode_ceiling(rates, llm_decode_bytes(llm), kv_bytes_per_token(llm),
+                              decode_flops_per_token(llm, context), b, context, capacity) for b in batches}
+
+
+def targets(rows: dict, limits: dict) -> list[Target]:
+    """Chat >= 170 tok/s at batch 1 (a stream's rate after its first token) and >= 2,500 tok/s aggregate
+    over 32 concurrent streams (issue 6), each against HF generate at the same batch size in this run."""
+    out = []
+    for what, goal, n, key in (("chat >= 170 tok/s at batch 1 (one stream)", 170, 1, "per_stream_tokens_per_s"),
+                               ("chat >= 2,500 tok/s aggregate over 32 streams", 2_500, 32, "tokens_per_s")):
+        serve, hf = rows.get(f"serve, {n} streams"), rows.get(f"HF generate, batch {n}")
+        limit = limits.get(n) or {}
+        out.append(Target(what, goal, "tok/s", serve and serve[key], f"serve, {n} streams",
+                          baseline=hf and (f"HF generate, batch {n}", hf[key]), ceiling=limit.get("tokens_per_s"),
+                          arithmetic=limit.get("arithmetic", "")))
+    return out
 
 
 def main(argv=None) -> int:
@@ -184,18 +226,27 @@ def main(argv=None) -> int:
           flush=True)
     rows: dict[str, dict] = {}
     labels = [f"serve, {n} streams" for n in args.streams] + [f"HF generate, batch {n}" for n in args.streams]
+    tokenizer = tokenizer_dir(cfg)
+    rates = measure_rates(device)
+    print(f"[bench] {rates['how']}", flush=True)
+    replica: dict = {}  # the replica's warm-up (/healthz), once it is up
 
-    def save():  # after every row: a run stopped by its timeout leaves the rows it finished
+    def save(warmup: dict | None = None):  # after every row: a run stopped by its timeout leaves the rows it finished
+        replica.update(warmup or {})
+        limits = ceilings(cfg, tokenizer, args.new_tokens, rates, sorted({1, 32, *args.streams}),
+                          replica.get("capacity"))
         lines = [f"Serving, preset `{args.preset}`, {args.new_tokens} new tokens/request, {name}", "",
                  "| path | aggregate tok/s | per-stream tok/s | median TTFT (s) |", "|---|---:|---:|---:|"]
         for label, r in rows.items():
             ttft = f"{r['ttft_s']:.3f}" if r.get("ttft_s") is not None else "-"
             lines.append(f"| {label} | {r['tokens_per_s']:.1f} | {r['per_stream_tokens_per_s']:.1f} | {ttft} |")
-        write_results(args.out, "serve", "\n".join(lines),
-                      {"preset": args.preset, "new_tokens": args.new_tokens, "device": name, "rows": rows},
+        words, verdicts = section(targets(rows, limits), rates, applies(args.preset, args.depth, device),
+                                  f"`{args.preset}` on {name}")
+        write_results(args.out, "serve", "\n".join(lines) + "\n" + words,
+                      {"preset": args.preset, "new_tokens": args.new_tokens, "device": name, "rows": rows,
+                       "warmup": replica or None, "rates": rates, "targets": verdicts},
                       ", ".join(label for label in labels if label not in rows))
 
-    tokenizer = tokenizer_dir(cfg)
     serve_rows(spec, tokenizer, args.streams, args.rounds, args.new_tokens, gpu, rows, on_row=save)
     for n in args.streams:
         rows[f"HF generate, batch {n}"] = hf_row(cfg, tokenizer, n, args.new_tokens, device)

@@ -253,6 +253,12 @@ def test_caption_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     detok = report["detokenize"]  # the host's text cost per token, both ways, under the table
     assert set(detok) == {"windowed", "whole sequence"} and all(d["us_per_token"] > 0 for d in detok.values())
     assert "us a token decoding the newest tokens" in table
+    engine, _, job = report["targets"]  # under the table: not judged on CPU, the arithmetic still there
+    assert engine["measured"] == rows["our engine"]["tokens_per_s"] and engine["verdict"] == "n/a"
+    assert engine["baseline"] == ["HF generate (dynamic cache)", rows["HF generate (dynamic cache)"]["tokens_per_s"]]
+    assert engine["ceiling"] == report["ceiling"]["tokens_per_s"] > 0 and "batch 4: (" in engine["arithmetic"]
+    assert job["row"] == "caption job, after its first captions"
+    assert job["measured"] == rows["caption job (end to end)"]["tokens_per_s_after_first"]
 
 
 def test_detect_format_and_prompts(tmp_path):

@@ -263,6 +263,11 @@ def test_quantize_bench_runs_on_cpu(tmp_path):
             assert r["tokens_per_s"] > 0 and r["ttft_s"] > 0 and 0 <= r["same_tokens"] <= 1
     assert base["by_batch"]["1"]["same_tokens"] == 1 and base["by_batch"]["2"]["vs_baseline"] == 1
     assert "| int8wo (ours) | 2 |" in (tmp_path / "quantize.md").read_text()
+    speed, memory = result["targets"]  # not judged on CPU; the speed's ceiling reads the int8 weights
+    assert speed["measured"] == ours["by_batch"]["1"]["tokens_per_s"] and speed["verdict"] == "n/a"
+    assert speed["ceiling"] > 0 and speed["arithmetic"].startswith("batch 1: (")
+    assert memory["measured"] is None and memory["verdict"] == "no GPU" and memory["at_most"]
+    assert memory["ceiling"] * 1e9 > ours["model_bytes"] and "at least" in memory["arithmetic"]
 
 
 def test_bench_results_are_rewritten_after_every_row(tmp_path, capsys):

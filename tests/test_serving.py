@@ -205,6 +205,12 @@ def test_serve_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     assert set(rows) == {"serve, 1 streams", "serve, 2 streams", "HF generate, batch 1", "HF generate, batch 2"}
     assert rows["serve, 2 streams"]["requests"] == 2 and rows["serve, 1 streams"]["tokens_per_s"] > 0
     assert "| serve, 2 streams |" in (tmp_path / "serve.md").read_text()
+    one, many = report["targets"]  # not judged on CPU; 32 streams did not run here
+    assert one["measured"] == rows["serve, 1 streams"]["per_stream_tokens_per_s"] and one["verdict"] == "n/a"
+    assert one["baseline"] == ["HF generate, batch 1", rows["HF generate, batch 1"]["per_stream_tokens_per_s"]]
+    assert many["verdict"] == "not run" and many["ceiling"] > 0
+    # the replica's decode step attends over its warmed-up capacity, and the arithmetic says so
+    assert report["warmup"]["capacity"] == 512 and "512-position capacity" in one["arithmetic"]
 
 
 def test_warmup_setting(tiny_model, tiny_tokenizer, monkeypatch):
