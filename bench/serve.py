@@ -14,7 +14,9 @@ weights cannot stop early, so every row does the same work). Rows of the table:
   before it took requests (ServeSettings.warmup_tokens: KV cache allocated, decode step compiled at
   every width), so no row pays a compile; the start-up, warm-up included, is printed.
 - `HF generate, batch N`: `llm.generate(inputs_embeds=...)` greedy in this process on the same
-  prompt embeddings (image encoded once per batch): the in-process baseline without HTTP.
+  prompt (image encoded once per batch): the in-process baseline without HTTP. Its time to first token
+  is a 1-token run (image, prefill, first token); per stream, the tokens after the first over the time
+  after the first, as the serve rows count.
 Results also go to `<out>/serve.json` and `.md`.
 """
 import argparse
@@ -71,25 +73,25 @@ def hf_row(cfg, tokenizer: str, batch: int, new_tokens: int, device) -> dict:
     prompt, px = chat_prompt(cfg)
     pixels = px.repeat(batch, 1, 1, 1).to(device)
 
-    def run():
+    def run(n: int) -> float:
+        """Seconds of one `generate` of `n` new tokens for the batch, from the pixels on."""
+        t = time.perf_counter()
         with torch.no_grad():
             x = torch.stack(model.generation_inputs(tok, [prompt] * batch, pixels))
-            out = model.llm.generate(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long,
-                                                                                  device=device),
-                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        return out.shape[0] * min(out.shape[1], new_tokens)
+            model.llm.generate(inputs_embeds=x, attention_mask=torch.ones(x.shape[:2], dtype=torch.long, device=device),
+                               max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id,
+                               eos_token_id=tok.eos_token_id)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
 
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    tokens = run()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dt = time.perf_counter() - t
+    run(new_tokens)  # warm-up
+    ttft, dt = run(1), run(new_tokens)
     del model
-    return {"tokens_per_s": tokens / dt, "per_stream_tokens_per_s": tokens / batch / dt, "ttft_s": None}
+    # per stream as the serve rows count it: the tokens after the first over the time after the first
+    return {"tokens_per_s": batch * new_tokens / dt, "ttft_s": ttft,
+            "per_stream_tokens_per_s": (new_tokens - 1) / (dt - ttft) if dt > ttft and new_tokens > 1
+            else new_tokens / dt}
 
 
 def stream_once(base: str, model: str, url: str, new_tokens: int) -> tuple[float, float, int]:
@@ -179,10 +181,10 @@ def serve_rows(model: dict, tokenizer: str, streams: list[int], rounds: int, new
         ray.shutdown()
 
 
-def ceilings(cfg, tokenizer: str, new_tokens: int, rates: dict, batches: list[int], capacity: int | None) -> dict:
-    """`decode_ceiling` per batch size for the bench's chat (its prompt, image tokens included, plus half the
-    new tokens on average), the LLM counted on the meta device; `capacity`: the replica's static cache
-    positions, which its decode step attends over (ServeSettings.warmup_tokens sizes it)."""
+def chat_figures(cfg, tokenizer: str, new_tokens: int) -> dict:
+    """What `decode_ceiling` needs of the bench's chat, the LLM counted on the meta device: its decode bytes,
+    KV bytes a position, FLOPs a token, and the average context (the prompt, image tokens included, plus
+    half the new tokens)."""
     from minigpt4.model import build_model
     from minigpt4.prompts import tokenize_segments
     from minigpt4.tokenizer import load_tokenizer
@@ -191,8 +193,14 @@ def ceilings(cfg, tokenizer: str, new_tokens: int, rates: dict, batches: list[in
     prompt, _ = chat_prompt(cfg)
     segments = tokenize_segments(load_tokenizer(tokenizer), prompt, bos=True)
     context = sum(map(len, segments)) + (len(segments) - 1) * cfg.num_image_tokens + new_tokens / 2
-    return {b: decode_ceiling(rates, llm_decode_bytes(llm), kv_bytes_per_token(llm),
-                              decode_flops_per_token(llm, context), b, context, capacity) for b in batches}
+    return {"weight_bytes": llm_decode_bytes(llm), "kv_per_token": kv_bytes_per_token(llm),
+            "flops_per_token": decode_flops_per_token(llm, context), "context": context}
+
+
+def ceilings(figures: dict, rates: dict, batches: list[int], capacity: int | None) -> dict:
+    """`decode_ceiling` per batch size; `capacity`: the replica's static cache positions, which its decode
+    step attends over (ServeSettings.warmup_tokens sizes it)."""
+    return {b: decode_ceiling(rates, batch=b, engine_context=capacity, **figures) for b in batches}
 
 
 def targets(rows: dict, limits: dict) -> list[Target]:
@@ -230,11 +238,11 @@ def main(argv=None) -> int:
     rates = measure_rates(device)
     print(f"[bench] {rates['how']}", flush=True)
     replica: dict = {}  # the replica's warm-up (/healthz), once it is up
+    figures = chat_figures(cfg, tokenizer, args.new_tokens)
 
     def save(warmup: dict | None = None):  # after every row: a run stopped by its timeout leaves the rows it finished
         replica.update(warmup or {})
-        limits = ceilings(cfg, tokenizer, args.new_tokens, rates, sorted({1, 32, *args.streams}),
-                          replica.get("capacity"))
+        limits = ceilings(figures, rates, sorted({1, 32, *args.streams}), replica.get("capacity"))
         lines = [f"Serving, preset `{args.preset}`, {args.new_tokens} new tokens/request, {name}", "",
                  "| path | aggregate tok/s | per-stream tok/s | median TTFT (s) |", "|---|---:|---:|---:|"]
         for label, r in rows.items():

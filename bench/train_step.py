@@ -253,14 +253,13 @@ def table(rows: dict, padded: str, bucketed: str, feature_job: dict | None, head
     return "\n".join(lines)
 
 
-def targets(rows: dict, cfg, text_tokens: int, rates: dict) -> list[Target]:
+def targets(rows: dict, cfg, counts: dict, text_tokens: int, rates: dict) -> list[Target]:
     """Stage 1 end to end >= 250 samples/s per GPU (issue 4's acceptance), and >= 400 from the frozen-feature
     cache (DESIGN.md section 8), each against the naive eager loop on pixels (DESIGN's ~180), with the
-    ceiling at the measured matmul rate over the step's FLOPs ([BOS] + `text_tokens` caption tokens)."""
-    from minigpt4.model import build_model
+    ceiling at the measured matmul rate over the step's FLOPs ([BOS] + `text_tokens` caption tokens);
+    `counts`: the model's `parameter_counts()`."""
     from minigpt4.train import flops_per_sample
 
-    counts = build_model(cfg, device="meta").parameter_counts()
     naive = (NAIVE, rows[NAIVE]["samples_per_s"]) if NAIVE in rows else None
     out = []
     for what, goal, label, features in (("stage 1 end to end", 250, JOB, False),
@@ -274,6 +273,8 @@ def targets(rows: dict, cfg, text_tokens: int, rates: dict) -> list[Target]:
 
 def main(argv=None) -> int:
     import torch
+
+    from minigpt4.model import build_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     gpu = torch.cuda.is_available()
@@ -295,6 +296,7 @@ def main(argv=None) -> int:
           flush=True)
     rates = measure_rates(device)
     judged = applies(args.preset, args.depth, device)
+    counts = build_model(cfg, device="meta").parameter_counts()
     print(f"[bench] {rates['how']}", flush=True)
     lo, hi = args.caption_tokens
     lengths = caption_lengths(args.batch_size * args.buckets * -(-(args.warmup + args.steps) // args.buckets), lo, hi)
@@ -319,7 +321,7 @@ def main(argv=None) -> int:
             rows[label] = measure()
             print(f"[bench] {label}: {rows[label]['samples_per_s']:.1f} samples/s", flush=True)
             remaining = ", ".join(f"`{later}`" for later, _ in plan[i + 1:])
-            words, verdicts = section(targets(rows, cfg, args.text_tokens, rates), rates, judged,
+            words, verdicts = section(targets(rows, cfg, counts, args.text_tokens, rates), rates, judged,
                                       f"`{args.preset}` on {name}")
             write_results(args.out, "train_step", table(rows, padded, bucketed, jobs.feature_job, head) + "\n" + words,
                           {"preset": args.preset, "batch_size": args.batch_size, "device": name,
