@@ -46,7 +46,7 @@ def image_url() -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def chat_prompt(cfg) -> tuple[str, "torch.Tensor"]:  # noqa: F821
+def chat_prompt(cfg) -> tuple:
     """(prompt, (1, 3, S, S) pixels): the conversation the app builds from a bench request."""
     import torch
 

@@ -261,13 +261,15 @@ def targets(rows: dict, cfg, counts: dict, text_tokens: int, rates: dict) -> lis
     from minigpt4.train import flops_per_sample
 
     naive = (NAIVE, rows[NAIVE]["samples_per_s"]) if NAIVE in rows else None
+    encoder = {False: "the ViT and Q-Former forward", True: "no ViT or Q-Former"}
     out = []
     for what, goal, label, features in (("stage 1 end to end", 250, JOB, False),
                                         ("stage 1 from cached features", 400, JOB_FEATURES, True)):
         ceiling = train_ceiling(rates, flops_per_sample(cfg, 1 + text_tokens, counts, features))
         out.append(Target(f"{what} >= {goal} samples/s per GPU", goal, "samples/s",
                           rows[label]["samples_per_s"] if label in rows else None, label, baseline=naive,
-                          ceiling=ceiling["samples_per_s"], arithmetic=ceiling["arithmetic"]))
+                          ceiling=ceiling["samples_per_s"], arithmetic=f"[BOS] + {text_tokens} caption tokens, "
+                          f"{encoder[features]}: {ceiling['arithmetic']}"))
     return out
 
 
