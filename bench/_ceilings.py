@@ -143,8 +143,9 @@ class Target:
         met = self.measured <= self.goal if self.at_most else self.measured >= self.goal
         if met:
             return "met"
-        return (f"missed: {self.measured / self.goal:.0%} of the target" if not self.at_most
-                else f"missed: {self.measured / self.goal:.2f}x the limit")
+        if self.at_most:
+            return f"missed: {self.measured / self.goal:.2f}x the limit"
+        return f"missed: {int(100 * self.measured / self.goal + 1e-9)}% of the target"  # 99.7% is not "100%"
 
 
 def applies(preset: str, depth: int | None, device) -> bool:

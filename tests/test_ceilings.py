@@ -77,6 +77,7 @@ def test_verdicts_and_section():
     assert [t.verdict(True) for t in (rate, slow, limit, absent)] == [
         "met", "missed: 80% of the target", "missed: 1.15x the limit", "no GPU"]
     assert Target("v <= 10 GB", 10, "GB", 9.5, "ours", at_most=True).verdict(True) == "met"
+    assert Target("t >= 250", 250, "x", 249.2).verdict(True) == "missed: 99% of the target"  # not "100%"
     assert rate.verdict(False) == "n/a" and Target("u", 1, "x", None).verdict(False) == "not run"
     words, verdicts = section([rate, slow, limit, absent], H100, True, "`vicuna7b` on H100")
     assert "| x >= 100 tok/s | 120 tok/s | met | 2.00x HF | 240 | 50% |" in words
