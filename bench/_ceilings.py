@@ -89,6 +89,22 @@ def decode_flops_per_token(llm, context: float) -> float:
     return 2 * weights + 4 * c.num_hidden_layers * q_width * context
 
 
+def decode_figures(llm, tokenizer, cfg, prompt: str, new_tokens: int) -> dict:
+    """What `decode_ceiling` needs of a bench's generation, `decode_ceiling(rates, batch=B, **figures)`: the
+    LLM's decode bytes, KV bytes a position and FLOPs a token, the average context (the prompt's positions,
+    image tokens included, plus half the new tokens) and the positions our static cache gives each slot
+    (`generate.slot_capacity`). Works on the meta device."""
+    from minigpt4.generate import slot_capacity
+    from minigpt4.prompts import tokenize_segments
+
+    segments = tokenize_segments(tokenizer, prompt, bos=True)
+    positions = sum(map(len, segments)) + (len(segments) - 1) * cfg.num_image_tokens
+    context = positions + new_tokens / 2
+    return {"weight_bytes": llm_decode_bytes(llm), "kv_per_token": kv_bytes_per_token(llm),
+            "flops_per_token": decode_flops_per_token(llm, context), "context": context,
+            "engine_context": slot_capacity(positions + new_tokens)}
+
+
 def decode_ceiling(rates: dict, weight_bytes: float, kv_per_token: float, flops_per_token: float, batch: int,
                    context: float, engine_context: float | None = None) -> dict:
     """Generated tok/s at most when every step reads the weights once plus each row's KV cache over

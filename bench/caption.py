@@ -44,8 +44,7 @@ import time
 from pathlib import Path
 
 # bench/ is the script's directory, first on sys.path
-from _ceilings import (Target, applies, decode_ceiling, decode_flops_per_token, kv_bytes_per_token, llm_decode_bytes,
-                       measure_rates, section)
+from _ceilings import Target, applies, decode_ceiling, decode_figures, measure_rates, section
 from _common import STORAGE, job_storage, machine, model_args, tokenizer_dir, write_results
 
 HF_DYNAMIC, HF_STATIC = "HF generate (dynamic cache)", "HF generate (static cache)"
@@ -226,23 +225,6 @@ def table(by_batch: dict, job: dict | None, args, name: str) -> str:
     return "\n".join(lines)
 
 
-def ceiling(model, tok, cfg, batch: int, new_tokens: int, rates: dict, device) -> dict:
-    """`decode_ceiling` of the bench's model at `batch`: the prompt's positions (image tokens included) plus
-    half the new tokens on average, against the static cache's capacity (prompt + new tokens, in the
-    engine's CAPACITY_STEPs)."""
-    import torch
-
-    from minigpt4.generate import CAPACITY_STEP
-
-    pixels = torch.zeros(1, 3, cfg.image_size, cfg.image_size, device=device)
-    with torch.no_grad():
-        prompt = model.generation_inputs(tok, [caption_prompt(cfg)], pixels)[0].shape[0]
-    context = prompt + new_tokens / 2
-    capacity = -(-(prompt + new_tokens) // CAPACITY_STEP) * CAPACITY_STEP
-    return decode_ceiling(rates, llm_decode_bytes(model.llm), kv_bytes_per_token(model.llm),
-                          decode_flops_per_token(model.llm, context), batch, context, capacity)
-
-
 def targets(by_batch: dict, job: dict | None, largest: int, limit: dict) -> list[Target]:
     """Captioning >= 10,000 generated tok/s per GPU (issue 5's acceptance), then 15,000 (DESIGN.md section 8),
     by our engine at the largest batch, and the first by the caption job once its first captions are in;
@@ -311,7 +293,8 @@ def main(argv=None) -> int:
     weights = torch.cuda.memory_allocated() if device.type == "cuda" else 0  # nothing else is on the GPU yet
     largest = max(args.batch_size)
     rates = measure_rates(device)
-    limit = ceiling(model, tok, cfg, largest, args.new_tokens, rates, device)
+    limit = decode_ceiling(rates, batch=largest, **decode_figures(model.llm, tok, cfg, caption_prompt(cfg),
+                                                                  args.new_tokens))
     print(f"[bench] {rates['how']}; ceiling at {limit['arithmetic']}", flush=True)
     detok = detokenize_cost(model.llm, tok, largest, args.new_tokens)
     print(f"[bench] text per generated token (host): {detok}", flush=True)

@@ -35,8 +35,7 @@ import tempfile
 import time
 
 # bench/ is the script's directory, first on sys.path
-from _ceilings import (GB, Target, applies, decode_ceiling, decode_flops_per_token, kv_bytes_per_token,
-                       llm_decode_bytes, measure_rates, section, si)
+from _ceilings import GB, Target, applies, decode_ceiling, decode_figures, measure_rates, section, si
 from _common import machine, model_args, tokenizer_dir, write_results
 
 PATHS = ("none", "int8wo", "8bit", "4bit")
@@ -156,17 +155,12 @@ def path_row(cfg, path: str, directory: str, tok, args, device) -> tuple[dict, d
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     model, load_s = build(cfg, path, directory, device)
-    prompt, pixels = chat_inputs(cfg, 1)
-    with torch.no_grad():
-        prompt_tokens = model.generation_inputs(tok, [prompt], pixels.to(device))[0].shape[0]
     row = {"quantize_llm": path, "llm_weight_gib": model.llm_weight_bytes() / 2**30, "load_s": load_s,
            "load_peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
            "by_batch": {},
-           # what the ceilings need: bytes a decode step reads, all weights, KV bytes a position, FLOPs a token
-           "decode_bytes": llm_decode_bytes(model.llm), "model_bytes": sum(
-               t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())),
-           "kv_per_token": kv_bytes_per_token(model.llm), "prompt_tokens": prompt_tokens,
-           "flops_per_token": decode_flops_per_token(model.llm, prompt_tokens + args.new_tokens / 2)}
+           # what the targets' ceiling and floor need: the chat's decode figures, and every weight's bytes
+           "decode": decode_figures(model.llm, tok, cfg, chat_inputs(cfg, 1)[0], args.new_tokens),
+           "model_bytes": sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))}
     print(f"[bench] {path}: loaded in {load_s:.1f} s, LLM weights {row['llm_weight_gib']:.3g} GiB", flush=True)
     compiled = device.type == "cuda" and path not in BITSANDBYTES  # as the engine decides
     outputs = {}
@@ -195,13 +189,11 @@ def table(rows: dict, skipped: dict, baseline: str, args, name: str) -> str:
     return "\n".join(lines)
 
 
-def targets(rows: dict, rates: dict, new_tokens: int) -> list[Target]:
+def targets(rows: dict, rates: dict) -> list[Target]:
     """7B with an 8-bit LLM in chat: <= 10 GB peak at >= 100 tok/s at batch 1 (issue 8), by int8wo, against
     the best bitsandbytes row at batch 1 (bitsandbytes' LLM.int8 is HF's 8-bit path; DESIGN: 7.6 tok/s). The
     speed's ceiling reads the int8 weights once a token; the memory's floor is every weight plus one chat's
     KV cache at the static cache's capacity."""
-    from minigpt4.generate import CAPACITY_STEP
-
     ours = rows.get(LABELS["int8wo"])
     bnb = [(label, rows[label]["by_batch"][1]) for label in (LABELS["8bit"], LABELS["4bit"])
            if label in rows and 1 in rows[label]["by_batch"]]
@@ -214,15 +206,14 @@ def targets(rows: dict, rates: dict, new_tokens: int) -> list[Target]:
                     at_most=True, baseline=best and gb(best[1]) and (best[0], gb(best[1])),
                     missing="not run" if one is None or one.get("peak_gpu_gib") is not None else "no GPU")
     if ours:
-        context = ours["prompt_tokens"] + new_tokens / 2
-        capacity = -(-(ours["prompt_tokens"] + new_tokens) // CAPACITY_STEP) * CAPACITY_STEP
-        limit = decode_ceiling(rates, ours["decode_bytes"], ours["kv_per_token"], ours["flops_per_token"], 1,
-                               context, capacity)
+        figures = ours["decode"]
+        limit = decode_ceiling(rates, batch=1, **figures)
         speed.ceiling, speed.arithmetic = limit["tokens_per_s"], limit["arithmetic"]
-        floor = ours["model_bytes"] + capacity * ours["kv_per_token"]
+        capacity = figures["engine_context"]
+        floor = ours["model_bytes"] + capacity * figures["kv_per_token"]
         memory.ceiling = floor / GB
         memory.arithmetic = (f"peak memory: {si(ours['model_bytes'], 'B')} of weights (ViT, Q-Former, projection, "
-                             f"int8 LLM) + {capacity} positions x {si(ours['kv_per_token'], 'B')} KV = "
+                             f"int8 LLM) + {capacity} positions x {si(figures['kv_per_token'], 'B')} KV = "
                              f"{si(floor, 'B')} at least")
     return [speed, memory]
 
@@ -259,7 +250,7 @@ def main(argv=None) -> int:
     print(f"[bench] {rates['how']}", flush=True)
 
     def save(later: list[str]):
-        words, verdicts = section(targets(rows, rates, args.new_tokens), rates,
+        words, verdicts = section(targets(rows, rates), rates,
                                   applies(args.preset, args.depth, device), f"`{args.preset}` on {name}")
         write_results(args.out, "quantize", table(rows, skipped, baseline, args, name) + "\n" + words,
                       {"preset": args.preset, "new_tokens": args.new_tokens, "device": name, "baseline": baseline,

@@ -29,8 +29,7 @@ import threading
 import time
 
 # bench/ is the script's directory, first on sys.path
-from _ceilings import (Target, applies, decode_ceiling, decode_flops_per_token, kv_bytes_per_token, llm_decode_bytes,
-                       measure_rates, section)
+from _ceilings import Target, applies, decode_ceiling, decode_figures, measure_rates, section
 from _common import machine, model_args, tokenizer_dir, write_results
 
 PROMPT = "Describe this image in detail."
@@ -181,26 +180,10 @@ def serve_rows(model: dict, tokenizer: str, streams: list[int], rounds: int, new
         ray.shutdown()
 
 
-def chat_figures(cfg, tokenizer: str, new_tokens: int) -> dict:
-    """What `decode_ceiling` needs of the bench's chat, the LLM counted on the meta device: its decode bytes,
-    KV bytes a position, FLOPs a token, and the average context (the prompt, image tokens included, plus
-    half the new tokens)."""
-    from minigpt4.model import build_model
-    from minigpt4.prompts import tokenize_segments
-    from minigpt4.tokenizer import load_tokenizer
-
-    llm = build_model(cfg, device="meta").llm
-    prompt, _ = chat_prompt(cfg)
-    segments = tokenize_segments(load_tokenizer(tokenizer), prompt, bos=True)
-    context = sum(map(len, segments)) + (len(segments) - 1) * cfg.num_image_tokens + new_tokens / 2
-    return {"weight_bytes": llm_decode_bytes(llm), "kv_per_token": kv_bytes_per_token(llm),
-            "flops_per_token": decode_flops_per_token(llm, context), "context": context}
-
-
 def ceilings(figures: dict, rates: dict, batches: list[int], capacity: int | None) -> dict:
-    """`decode_ceiling` per batch size; `capacity`: the replica's static cache positions, which its decode
-    step attends over (ServeSettings.warmup_tokens sizes it)."""
-    return {b: decode_ceiling(rates, batch=b, engine_context=capacity, **figures) for b in batches}
+    """`decode_ceiling` per batch size of the chat's `decode_figures`; `capacity`: the replica's static cache
+    positions, which its decode step attends over (ServeSettings.warmup_tokens sizes it)."""
+    return {b: decode_ceiling(rates, batch=b, **(figures | {"engine_context": capacity})) for b in batches}
 
 
 def targets(rows: dict, limits: dict) -> list[Target]:
@@ -220,6 +203,9 @@ def targets(rows: dict, limits: dict) -> list[Target]:
 def main(argv=None) -> int:
     import torch
 
+    from minigpt4.model import build_model
+    from minigpt4.tokenizer import load_tokenizer
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     gpu = torch.cuda.is_available()
     model_args(ap, gpu)
@@ -238,7 +224,8 @@ def main(argv=None) -> int:
     rates = measure_rates(device)
     print(f"[bench] {rates['how']}", flush=True)
     replica: dict = {}  # the replica's warm-up (/healthz), once it is up
-    figures = chat_figures(cfg, tokenizer, args.new_tokens)
+    figures = decode_figures(build_model(cfg, device="meta").llm, load_tokenizer(tokenizer), cfg, chat_prompt(cfg)[0],
+                             args.new_tokens)
 
     def save(warmup: dict | None = None):  # after every row: a run stopped by its timeout leaves the rows it finished
         replica.update(warmup or {})

@@ -13,8 +13,8 @@ from minigpt4.train import flops_per_sample
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 try:
-    from _ceilings import (Target, applies, decode_ceiling, decode_flops_per_token, kv_bytes_per_token,
-                           llm_decode_bytes, measure_rates, section, si, train_ceiling)
+    from _ceilings import (Target, applies, decode_ceiling, decode_figures, decode_flops_per_token,
+                           kv_bytes_per_token, llm_decode_bytes, measure_rates, section, si, train_ceiling)
 finally:
     sys.path.pop(0)
 
@@ -66,6 +66,21 @@ def test_int8wo_weights_count_as_what_a_decode_step_reads():
     assert 0.25 < decoder_int8 / decoder_fp32 < 0.3  # int8 weights, one fp32 scale per output channel, fp32 norms
     assert decode_flops_per_token(int8, 100) == decode_flops_per_token(fp32, 100)
     assert kv_bytes_per_token(int8) == kv_bytes_per_token(fp32) == 2 * 2 * 64 * 4
+
+
+def test_decode_figures_count_the_positions_the_engine_gets(tiny_model, tiny_tokenizer):
+    """The context counts the prompt's positions as `generation_inputs` embeds them (image tokens included),
+    and the static cache's capacity is the engine's own rounding of prompt + new tokens."""
+    from minigpt4.generate import CAPACITY_STEP, slot_capacity
+
+    prompt = "###Human: <Img><ImageHere></Img> Describe this image in detail. ###Assistant: "
+    pixels = torch.zeros(1, 3, tiny_model.cfg.image_size, tiny_model.cfg.image_size)
+    positions = tiny_model.generation_inputs(tiny_tokenizer, [prompt], pixels)[0].shape[0]
+    figures = decode_figures(tiny_model.llm, tiny_tokenizer, tiny_model.cfg, prompt, 32)
+    assert figures["context"] == positions + 16
+    assert figures["engine_context"] == slot_capacity(positions + 32) == CAPACITY_STEP * -(-(positions + 32) // 64)
+    assert figures["weight_bytes"] == llm_decode_bytes(tiny_model.llm)
+    assert decode_ceiling(H100, batch=4, **figures)["tokens_per_s"] > 0
 
 
 def test_verdicts_and_section():

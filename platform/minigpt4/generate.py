@@ -41,6 +41,13 @@ log = logging.getLogger(__name__)
 
 CAPACITY_STEP = 64
 """Slot capacity (prompt + new tokens) grows in multiples of this: few distinct cache shapes to compile for."""
+
+
+def slot_capacity(length: int) -> int:
+    """The positions a slot of `length` positions (prompt + new tokens) gets: `length` in CAPACITY_STEPs."""
+    return -(-length // CAPACITY_STEP) * CAPACITY_STEP
+
+
 COMPILE_OPTIONS = dict(mode="reduce-overhead", fullgraph=True)
 """torch.compile options of the static decode step: Inductor kernels replayed as CUDA graphs."""
 
@@ -625,7 +632,7 @@ class GenerationEngine:
         if c is not None and c.slots >= slots and c.capacity >= length:
             return
         slots = max(min(self.max_slots, _pow2_at_least(slots)), c.slots if c else 0)
-        capacity = max(-(-length // CAPACITY_STEP) * CAPACITY_STEP, c.capacity if c else 0)
+        capacity = max(slot_capacity(length), c.capacity if c else 0)
         if c is None:
             self._cache = SlotCache(len(prefill.layers), slots, k.shape[1], capacity, k.shape[3], logits.shape[-1],
                                     k.dtype, k.device)
