@@ -87,7 +87,7 @@ def test_cider_d_hand_computed():
     #   1-grams: cand {red: 2*w2, circle: w1}
     norm_c1 = math.sqrt((2 * w2) ** 2 + w1 ** 2)
     #   vs "a red circle" {a: w3 = 0, red: w2, circle: w1}: clipping, min(2*w2, w2) * w2 + w1 * w1
-    s_a1 = (min(2 * w2, w2) * w2 + w1 * w1) / (norm_c1 * math.sqrt(w2 ** 2 + w1 ** 2))
+    s_a1 = (min(2 * w2, w2) * w2 + w1 * w1) / (norm_c1 * math.sqrt(w3 ** 2 + w2 ** 2 + w1 ** 2))
     #   2-grams: cand {red red: w1, red circle: w1} vs {a red: w2, red circle: w1}: only "red circle"
     s_a2 = (w1 * w1) / (math.sqrt(2) * w1 * math.sqrt(w2 ** 2 + w1 ** 2))
     #   3-grams: "red red circle" vs "a red circle": no match; 4-grams: none -> 0, 0
