@@ -89,28 +89,33 @@ def decode_flops_per_token(llm, context: float) -> float:
     return 2 * weights + 4 * c.num_hidden_layers * q_width * context
 
 
-def decode_figures(llm, tokenizer, cfg, prompt: str, new_tokens: int) -> dict:
+def decode_figures(llm, tokenizer, cfg, prompt: str, new_tokens: int, capacity: int | None = None) -> dict:
     """What `decode_ceiling` needs of a bench's generation, `decode_ceiling(rates, batch=B, **figures)`: the
     LLM's decode bytes, KV bytes a position and FLOPs a token, the average context (the prompt's positions,
-    image tokens included, plus half the new tokens) and the positions our static cache gives each slot
-    (`generate.slot_capacity`). Works on the meta device."""
-    from minigpt4.generate import slot_capacity
+    image tokens included, plus half the new tokens), the positions our static cache gives each slot
+    (`capacity`, by default the engine's `slot_capacity` of prompt + new tokens) and those its decode
+    steps attend over on average (`engine_context`: each step's `attention_span`). Works on the meta device."""
+    from minigpt4.generate import attention_span, slot_capacity
     from minigpt4.prompts import tokenize_segments
 
     segments = tokenize_segments(tokenizer, prompt, bos=True)
     positions = sum(map(len, segments)) + (len(segments) - 1) * cfg.num_image_tokens
     context = positions + new_tokens / 2
+    capacity = max(capacity or 0, slot_capacity(positions + new_tokens))  # a longer request grows the cache
+    # decode step j (1 .. new_tokens - 1; the first token comes from the prefill) writes the j-th token
+    spans = [attention_span(positions + j, capacity) for j in range(1, new_tokens)]
     return {"weight_bytes": llm_decode_bytes(llm), "kv_per_token": kv_bytes_per_token(llm),
             "flops_per_token": decode_flops_per_token(llm, context), "context": context,
-            "engine_context": slot_capacity(positions + new_tokens)}
+            "engine_context": sum(spans) / len(spans) if spans else context, "capacity": capacity}
 
 
 def decode_ceiling(rates: dict, weight_bytes: float, kv_per_token: float, flops_per_token: float, batch: int,
-                   context: float, engine_context: float | None = None) -> dict:
+                   context: float, engine_context: float | None = None, capacity: int | None = None) -> dict:
     """Generated tok/s at most when every step reads the weights once plus each row's KV cache over
     `context` positions (memory) and does `batch` tokens' FLOPs (compute): batch / max(both times).
-    `engine_context`: the positions our static cache's attention actually reads (its capacity), when more
-    than `context`: the engine's own bound, which the arithmetic names beside the physical one."""
+    `engine_context`: the positions our decode steps' attention actually reads on average (prefixes of
+    the static cache's `capacity` positions), when more than `context`: the engine's own bound, which
+    the arithmetic names beside the physical one."""
     def bound(ctx: float) -> tuple[float, float, float]:
         step_bytes = weight_bytes + batch * ctx * kv_per_token
         return step_bytes, step_bytes / rates["bandwidth"], batch * flops_per_token / rates["flops"]
@@ -125,7 +130,8 @@ def decode_ceiling(rates: dict, weight_bytes: float, kv_per_token: float, flops_
     if engine_context and engine_context > context:
         _, e_mem, e_flops = bound(engine_context)
         out["engine_tokens_per_s"] = batch / max(e_mem, e_flops)
-        out["arithmetic"] += (f"; our static cache attends over its {engine_context:.0f}-position capacity: "
+        prefixes = f" (prefixes of its {capacity}-position cache)" if capacity else ""
+        out["arithmetic"] += (f"; our decode steps attend over {engine_context:.0f} positions on average{prefixes}: "
                               f"{out['engine_tokens_per_s']:,.0f} tok/s")
     return out
 

@@ -209,7 +209,7 @@ def targets(rows: dict, rates: dict) -> list[Target]:
         figures = ours["decode"]
         limit = decode_ceiling(rates, batch=1, **figures)
         speed.ceiling, speed.arithmetic = limit["tokens_per_s"], limit["arithmetic"]
-        capacity = figures["engine_context"]
+        capacity = figures["capacity"]
         floor = ours["model_bytes"] + capacity * figures["kv_per_token"]
         memory.ceiling = floor / GB
         memory.arithmetic = (f"peak memory: {si(ours['model_bytes'], 'B')} of weights (ViT, Q-Former, projection, "

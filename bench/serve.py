@@ -148,7 +148,7 @@ def serve_rows(model: dict, tokenizer: str, streams: list[int], rounds: int, new
     warm = requests.get(base + "/healthz", timeout=30).json()["warmup"]
     print(f"[bench] replica up in {time.perf_counter() - t:.1f} s; warm-up {warm['seconds']:.1f} s: KV cache "
           f"{warm['cache_gib']:.2f} GiB ({warm['slots']} slots x {warm['capacity']}), widths {warm['widths']}, "
-          f"compiled {warm['compiled']}", flush=True)
+          f"prefixes {warm['spans']}, compiled {warm['compiled']}", flush=True)
     try:
         stream_once(base, settings.model_id, url, 4)  # warm-up
         for n in streams:
@@ -180,10 +180,9 @@ def serve_rows(model: dict, tokenizer: str, streams: list[int], rounds: int, new
         ray.shutdown()
 
 
-def ceilings(figures: dict, rates: dict, batches: list[int], capacity: int | None) -> dict:
-    """`decode_ceiling` per batch size of the chat's `decode_figures`; `capacity`: the replica's static cache
-    positions, which its decode step attends over (ServeSettings.warmup_tokens sizes it)."""
-    return {b: decode_ceiling(rates, batch=b, **(figures | {"engine_context": capacity})) for b in batches}
+def ceilings(figures: dict, rates: dict, batches: list[int]) -> dict:
+    """`decode_ceiling` per batch size of the chat's `decode_figures`."""
+    return {b: decode_ceiling(rates, batch=b, **figures) for b in batches}
 
 
 def targets(rows: dict, limits: dict) -> list[Target]:
@@ -224,12 +223,13 @@ def main(argv=None) -> int:
     rates = measure_rates(device)
     print(f"[bench] {rates['how']}", flush=True)
     replica: dict = {}  # the replica's warm-up (/healthz), once it is up
-    figures = decode_figures(build_model(cfg, device="meta").llm, load_tokenizer(tokenizer), cfg, chat_prompt(cfg)[0],
-                             args.new_tokens)
+    meta_llm, tok = build_model(cfg, device="meta").llm, load_tokenizer(tokenizer)
 
     def save(warmup: dict | None = None):  # after every row: a run stopped by its timeout leaves the rows it finished
         replica.update(warmup or {})
-        limits = ceilings(figures, rates, sorted({1, 32, *args.streams}), replica.get("capacity"))
+        # the replica's cache (ServeSettings.warmup_tokens sizes it) sets the prefixes its decode attends over
+        figures = decode_figures(meta_llm, tok, cfg, chat_prompt(cfg)[0], args.new_tokens, replica.get("capacity"))
+        limits = ceilings(figures, rates, sorted({1, 32, *args.streams}))
         lines = [f"Serving, preset `{args.preset}`, {args.new_tokens} new tokens/request, {name}", "",
                  "| path | aggregate tok/s | per-stream tok/s | median TTFT (s) |", "|---|---:|---:|---:|"]
         for label, r in rows.items():

@@ -90,6 +90,39 @@ def test_freed_slots_take_new_prompts_with_their_solo_outputs(tiny_model, tiny_t
     assert out == [_solo(tiny_model, tok, e, p) for e, p in zip(prompts, params)]
 
 
+def test_attention_spans_bound_the_shapes_to_capture():
+    from minigpt4.generate import attention_span, attention_spans
+
+    assert attention_spans(64) == [64] and attention_spans(256) == [64, 128, 192, 256]
+    assert attention_spans(2048) == [256 * i for i in range(1, 9)]  # at most SPANS: steps grow with the capacity
+    assert attention_spans(576) == [64 * i for i in range(1, 10)]
+    assert [attention_span(n, 256) for n in (1, 64, 65, 129, 256)] == [64, 64, 128, 192, 256]
+    with pytest.raises(IndexError):
+        attention_span(257, 256)
+
+
+def test_decode_attends_over_the_prefix_its_rows_fill(tiny_model, tiny_tokenizer, embeds, monkeypatch):
+    """A cache sized for a long request: short rows decode over its first 64 positions only, and a
+    row crossing 64 and 128 positions moves to the next prefix at the step its token needs it, with
+    the simple path's tokens throughout (a prefix one short would hide the newest key)."""
+    engine = GenerationEngine(tiny_model.llm, tiny_tokenizer, max_slots=4)
+    calls = []
+    step = engine._decode_step
+    monkeypatch.setattr(engine, "_decode_step", lambda width, span: calls.append(
+        (width, span, engine._cache.lengths[:width].max().item() + 1)) or step(width, span))
+    simple = GenerationEngine(tiny_model.llm, tiny_tokenizer, static=False)
+    long_p = SamplingParams(max_new_tokens=200, min_new_tokens=200)
+    assert engine.generate([embeds[2]], long_p) == simple.generate([embeds[2]], long_p)  # 34 + 200 positions
+    assert engine._cache.capacity == 256
+    assert [span for _, span, _ in calls] == [64] * 30 + [128] * 64 + [192] * 64 + [256] * 41
+    assert all(needed <= span < needed + 64 for _, span, needed in calls)
+
+    calls.clear()  # the same cache, short rows
+    params = [SamplingParams(max_new_tokens=n) for n in (12, 20, 8)]
+    assert engine.generate(embeds, params) == simple.generate(embeds, params)
+    assert engine._cache.capacity == 256 and {span for _, span, _ in calls} == {64}
+
+
 def test_decode_step_compiles_as_one_graph(tiny_model, tiny_tokenizer, embeds, monkeypatch):
     """What CUDA graph capture needs: the decode step traces whole (fullgraph: no graph break, no host
     sync) and the compiled step gives the eager tokens. (Dynamo's eager backend: no C++ build on CPU.)"""
@@ -102,9 +135,9 @@ def test_decode_step_compiles_as_one_graph(tiny_model, tiny_tokenizer, embeds, m
 
 
 def test_warmup_compiles_every_width_up_front_and_changes_no_output(tiny_model, tiny_tokenizer, embeds, monkeypatch):
-    """After warmup() no request that fits compiles the decode step again (on a GPU a new width stalls
-    every running sequence for the compile), whatever its batch size, and the tokens are those of an
-    engine that never warmed up."""
+    """After warmup() no request that fits compiles the decode step again (on a GPU a new width or
+    prefix stalls every running sequence for the compile), whatever its batch size and length, and the
+    tokens are those of an engine that never warmed up."""
     graphs = []
 
     def backend(gm, inputs):  # counts what Dynamo compiles; runs the graph as traced
@@ -112,9 +145,14 @@ def test_warmup_compiles_every_width_up_front_and_changes_no_output(tiny_model, 
         return gm.forward
 
     monkeypatch.setattr(generate, "COMPILE_OPTIONS", dict(backend=backend, fullgraph=True))
+    import torch._inductor.config as inductor
+
     engine = GenerationEngine(tiny_model.llm, tiny_tokenizer, max_slots=8, compile=True)
-    info = engine.warmup(tokens=64)
-    assert (info["slots"], info["capacity"], info["widths"], info["compiled"]) == (8, 64, [1, 2, 4, 8], True)
+    with inductor.patch({"triton.cudagraph_dynamic_shape_warn_limit": 3}):
+        info = engine.warmup(tokens=128)
+        assert inductor.triton.cudagraph_dynamic_shape_warn_limit == 8  # its graphs, one per shape, by design
+    assert (info["slots"], info["capacity"], info["widths"], info["spans"], info["compiled"]) == \
+        (8, 128, [1, 2, 4, 8], [64, 128], True)
     c = engine._cache
     assert info["cache_gib"] == sum(t.numel() * t.element_size() for t in c.tensors()) / 2**30
     assert c.lengths.eq(0).all() and not engine.busy and engine.free_slots == 8  # nothing decoded into the slots
@@ -124,7 +162,7 @@ def test_warmup_compiles_every_width_up_front_and_changes_no_output(tiny_model, 
     reference = GenerationEngine(tiny_model.llm, tiny_tokenizer)
     for n in (1, 3, 2, 8, 5):  # widths 1, 4, 2, 8, 8: each one seen in warm-up
         prompts = [embeds[i % 3] for i in range(n)]
-        params = [SamplingParams(max_new_tokens=4 + 3 * i) for i in range(n)]
+        params = [SamplingParams(max_new_tokens=4 + 12 * i) for i in range(n)]  # up to 34 + 88 positions
         assert engine.generate(prompts, params) == reference.generate(prompts, params)
     assert len(graphs) == compiled  # no compile after warm-up
     assert engine._cache is c  # nor a cache grown

@@ -107,6 +107,7 @@ def test_concurrent_requests_share_decode_steps(server):
     # the replica warmed up before its first request: its KV cache for every slot, each batch width run once
     warm = health["warmup"]
     assert (warm["slots"], warm["capacity"], warm["widths"]) == (8, 512, [1, 2, 4, 8]) and warm["cache_gib"] > 0
+    assert warm["spans"] == [64 * i for i in range(1, 9)]  # and every prefix the decode step attends over
 
 
 def test_web_page_is_self_contained(server):
@@ -209,8 +210,8 @@ def test_serve_bench_runs_on_cpu_and_writes_its_table(tmp_path):
     assert one["measured"] == rows["serve, 1 streams"]["per_stream_tokens_per_s"] and one["verdict"] == "n/a"
     assert one["baseline"] == ["HF generate, batch 1", rows["HF generate, batch 1"]["per_stream_tokens_per_s"]]
     assert many["verdict"] == "not run" and many["ceiling"] > 0
-    # the replica's decode step attends over its warmed-up capacity, and the arithmetic says so
-    assert report["warmup"]["capacity"] == 512 and "512-position capacity" in one["arithmetic"]
+    # the replica's decode step attends over prefixes of its warmed-up cache, and the arithmetic says so
+    assert report["warmup"]["capacity"] == 512 and "prefixes of its 512-position cache" in one["arithmetic"]
 
 
 def test_warmup_setting(tiny_model, tiny_tokenizer, monkeypatch):
@@ -225,7 +226,7 @@ def test_warmup_setting(tiny_model, tiny_tokenizer, monkeypatch):
         ServeSettings(warmup_tokens=-1)
     assert Batcher(tiny_model, tiny_tokenizer, max_rows=4, wait_s=0).warmup is None
     warm = Batcher(tiny_model, tiny_tokenizer, max_rows=4, wait_s=0, warmup_tokens=100).warmup
-    assert (warm["slots"], warm["capacity"], warm["widths"]) == (4, 128, [1, 2, 4])  # capacity: steps of 64
+    assert (warm["slots"], warm["capacity"], warm["widths"], warm["spans"]) == (4, 128, [1, 2, 4], [64, 128])  # 100: 128
 
     def oom(self, **kw):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
@@ -239,7 +240,7 @@ def test_warmup_runs_on_the_thread_that_decodes(tiny_model, tiny_tokenizer, monk
     """torch.compile's CUDA graphs belong to the thread that records them (one cudagraph-tree manager per
     thread): a warm-up on the replica's constructor thread would leave the batcher thread to record every
     width again inside requests. Every decode step, the warm-up's and the requests', runs on the batcher
-    thread; a compiled warm-up runs each width twice (a new shape runs eagerly once, then records)."""
+    thread; a compiled warm-up runs each width and prefix twice (a new shape runs eagerly once, then records)."""
     import threading
 
     import torch
@@ -247,12 +248,12 @@ def test_warmup_runs_on_the_thread_that_decodes(tiny_model, tiny_tokenizer, monk
     from minigpt4.generate import GenerationEngine, SamplingParams
     from minigpt4.serving import Batcher, _Job
 
-    steps: list[tuple[str, int]] = []
+    steps: list[tuple[str, int, int]] = []
     decode = GenerationEngine._decode
-    monkeypatch.setattr(GenerationEngine, "_decode",
-                        lambda self, width: steps.append((threading.current_thread().name, width)) or decode(self, width))
-    batcher = Batcher(tiny_model, tiny_tokenizer, max_rows=4, wait_s=0, warmup_tokens=64)
-    assert steps == [("minigpt4-batcher", w) for w in (1, 2, 4)]  # eager on CPU: once each
+    monkeypatch.setattr(GenerationEngine, "_decode", lambda self, width, span: steps.append(
+        (threading.current_thread().name, width, span)) or decode(self, width, span))
+    batcher = Batcher(tiny_model, tiny_tokenizer, max_rows=4, wait_s=0, warmup_tokens=128)
+    assert steps == [("minigpt4-batcher", w, s) for w in (1, 2, 4) for s in (64, 128)]  # eager on CPU: once each
     done, events = threading.Event(), []
 
     def deliver(kind, payload):
@@ -263,13 +264,13 @@ def test_warmup_runs_on_the_thread_that_decodes(tiny_model, tiny_tokenizer, monk
     batcher.submit(_Job(["<Img><ImageHere></Img> a"], [torch.randn(1, 3, 32, 32)], [SamplingParams(max_new_tokens=3)],
                         deliver))
     assert done.wait(60) and "error" not in events
-    assert len(steps) > 3 and {name for name, _ in steps} == {"minigpt4-batcher"}
+    assert len(steps) > 6 and {name for name, *_ in steps} == {"minigpt4-batcher"}
 
     steps.clear()
     monkeypatch.setattr(GenerationEngine, "compiles", lambda self, device: True)
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)  # what the engine calls: the step itself
     Batcher(tiny_model, tiny_tokenizer, max_rows=2, wait_s=0, warmup_tokens=64)
-    assert steps == [("minigpt4-batcher", w) for w in (1, 1, 2, 2)]
+    assert steps == [("minigpt4-batcher", w, 64) for w in (1, 1, 2, 2)]
 
 
 def test_messages_render_in_each_models_template():

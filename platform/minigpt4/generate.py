@@ -14,7 +14,9 @@ Two decode paths, with the same tokens:
 - static (the default): a slot table over a KV cache allocated once and reused across calls
   (`SlotCache`). Prompts are prefilled into free slots; one decode step then runs over the slots
   with fixed shapes (mask and positions come from per-slot lengths, nothing grows per token), so on
-  CUDA it is compiled and replayed as a CUDA graph. A finished sample frees its slot, and `add()`
+  CUDA it is compiled and replayed as a CUDA graph. Its attention reads the shortest cache prefix that
+  holds every row (`attention_span`), not the whole capacity: a batch of short captions in a cache
+  sized for long ones reads the KV bytes of its own lengths. A finished sample frees its slot, and `add()`
   + `step()` let new prompts join a running batch between steps (continuous batching, serving.py).
   `warmup()` allocates the cache and compiles/captures the step at every batch width up front (a
   serving replica does it before it takes requests).
@@ -46,6 +48,24 @@ CAPACITY_STEP = 64
 def slot_capacity(length: int) -> int:
     """The positions a slot of `length` positions (prompt + new tokens) gets: `length` in CAPACITY_STEPs."""
     return -(-length // CAPACITY_STEP) * CAPACITY_STEP
+
+
+SPANS = 8
+"""The decode step attends over a prefix of the cache, the shortest of about this many per capacity
+(`attention_spans`) that holds every row: each one is a CUDA graph per batch width."""
+
+
+def attention_spans(capacity: int) -> list[int]:
+    """The cache prefixes a decode step may attend over: multiples of CAPACITY_STEP (more of them for a
+    large capacity, SPANS at most), the capacity last."""
+    step = CAPACITY_STEP * max(1, capacity // (SPANS * CAPACITY_STEP))
+    return [*range(step, capacity, step), capacity]
+
+
+def attention_span(positions: int, capacity: int) -> int:
+    """The prefix a decode step attends over when its longest row holds `positions` (new token included)."""
+    spans = attention_spans(capacity)
+    return spans[bisect.bisect_left(spans, positions)]
 
 
 COMPILE_OPTIONS = dict(mode="reduce-overhead", fullgraph=True)
@@ -160,7 +180,8 @@ class SlotCache:
     sits beside it on the device at fixed addresses, so the step can be replayed as a CUDA graph:
     `lengths`, `active` (rows that advance), `next_tokens` (the step's input) and `seen` (each
     row's generated tokens, for the repetition penalty). The LLM gets this object as its `cache`:
-    `update` follows transformers' Cache.update contract for the decode step.
+    `update` follows transformers' Cache.update contract for the decode step, returning the first
+    `span` positions (set by the step) of the slots it decodes.
     """
 
     def __init__(self, layers: int, slots: int, kv_heads: int, capacity: int, head_dim: int, vocab: int,
@@ -172,6 +193,7 @@ class SlotCache:
         self.active = torch.zeros(slots, dtype=torch.long, device=device)
         self.next_tokens = torch.zeros(slots, dtype=torch.long, device=device)
         self.seen = torch.zeros(slots, vocab, dtype=torch.bool, device=device)
+        self.span = capacity
 
     @property
     def slots(self) -> int:
@@ -208,17 +230,23 @@ class SlotCache:
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Decode: write each of the first W slots' new key/value (W, kv_heads, 1, head_dim) at the
-        slot's own length; return those slots' whole cache (the mask hides what they do not hold)."""
+        slot's own length; return those slots' first `span` positions (views: the mask hides what a
+        row does not hold)."""
         w = key_states.shape[0]
         at = self.lengths[:w].view(w, 1, 1, 1).expand_as(key_states)
         keys, values = self.keys[layer_idx][:w], self.values[layer_idx][:w]
         keys.scatter_(2, at, key_states)
         values.scatter_(2, at, value_states)
-        return keys, values
+        return keys[:, :, :self.span], values[:, :, :self.span]
 
 
 def _pow2_at_least(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
+
+
+def _widths(slots: int) -> list[int]:
+    """The batch widths a decode step over `slots` slots runs at: powers of two, then `slots`."""
+    return sorted({min(slots, 1 << i) for i in range(slots.bit_length() + 1)})
 
 
 def _to_device(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -315,13 +343,14 @@ class GenerationEngine:
     def warmup(self, slots: int | None = None, tokens: int = CAPACITY_STEP) -> dict:
         """Allocate the KV cache for `slots` sequences (default: max_slots) of `tokens` positions each
         (prompt + new tokens), then run the decode step once at every width a batch of up to that many
-        sequences decodes at, so that compiling the step and capturing its CUDA graphs happen now, not
-        while requests wait: a decode step at a width not seen before compiles (tens of seconds at 7B)
-        and stalls every running sequence. Later calls that fit decode without compiling; a longer
-        request grows the cache (and compiles once more). The slots stay inactive: nothing is decoded
-        into them and the engine's state is unchanged.
+        sequences decodes at and every cache prefix it attends over, so that compiling the step and
+        capturing its CUDA graphs happen now, not while requests wait: a decode step at a shape not seen
+        before compiles (tens of seconds at 7B) or records a graph, and stalls every running sequence.
+        Later calls that fit decode without compiling; a longer request grows the cache (and compiles
+        once more). The slots stay inactive: nothing is decoded into them and the engine's state is
+        unchanged.
 
-        Returns {"slots", "capacity", "widths", "cache_gib", "compiled", "seconds"}."""
+        Returns {"slots", "capacity", "widths", "spans", "cache_gib", "compiled", "seconds"}."""
         if not self.static:
             raise ValueError("warmup() is for the static engine")
         if self.busy:
@@ -335,13 +364,14 @@ class GenerationEngine:
         self._reserve(min(slots or self.max_slots, self.max_slots), tokens, prefill, logits)
         c = self._cache
         c.active.zero_()  # every slot computes, none advances
-        widths = sorted({min(c.slots, 1 << i) for i in range(c.slots.bit_length() + 1)})
+        widths, spans = _widths(c.slots), attention_spans(c.capacity)
         for width in widths:  # compiled: CUDA graph trees run a new shape eagerly once, then record its graph
-            for _ in range(2 if self._compiled is not None else 1):
-                self._decode(width)
+            for span in spans:
+                for _ in range(2 if self._compiled is not None else 1):
+                    self._decode(width, span)
         if logits.device.type == "cuda":
             torch.cuda.synchronize(logits.device)
-        return {"slots": c.slots, "capacity": c.capacity, "widths": widths,
+        return {"slots": c.slots, "capacity": c.capacity, "widths": widths, "spans": spans,
                 "cache_gib": sum(x.numel() * x.element_size() for x in c.tensors()) / 2**30,
                 "compiled": self._compiled is not None, "seconds": time.perf_counter() - t}
 
@@ -389,7 +419,9 @@ class GenerationEngine:
         rows, parts = [], []
         if self._running:
             slots = sorted(self._running)
-            logits = self._launched if self._launched is not None else self._decode(self._width(slots[-1]))
+            logits = self._launched
+            if logits is None:  # each row's newest token is not in the cache yet
+                logits = self._decode_rows(slots[-1], max(s.prompt_tokens + len(s.ids) for s in self._running.values()))
             parts.append(logits[_to_device(slots, logits.device)])
             rows += [self._running[s] for s in slots]
         for joining, logits in self._joining:
@@ -407,8 +439,10 @@ class GenerationEngine:
         going = [len(s.ids) + 1 < s.params.max_new_tokens for s in rows]  # unless EOS or a stop string ends it
         c.active[at] = _to_device(going, at.device, torch.long)
         host_tokens = _start_copy_to_host(tokens)
-        if any(going):
-            self._launched = self._decode(self._width(max(s.slot for s, go in zip(rows, going) if go)))
+        if any(going):  # the tokens chosen now go in at index prompt + generated so far
+            ahead = [s for s, go in zip(rows, going) if go]
+            self._launched = self._decode_rows(max(s.slot for s in ahead),
+                                               max(s.prompt_tokens + len(s.ids) + 1 for s in ahead))
         events = [self._finish_check(s, t) for s, t in zip(rows, host_tokens())]
         stopped = [s.slot for s, go in zip(rows, going) if go and s.done is not None]
         if stopped:
@@ -642,10 +676,18 @@ class GenerationEngine:
             for t in self._cache.tensors():  # mutated inside the CUDA graph: keep their addresses
                 torch._dynamo.mark_static_address(t)
             self._compiled = self._compiled or torch.compile(self._decode_step, **COMPILE_OPTIONS)
+            # one CUDA graph per (width, prefix), by design: Inductor warns past 8 graphs of a function
+            import torch._inductor.config as inductor
 
-    def _width(self, last_slot: int) -> int:
-        """Decode width covering slots 0..last_slot: a power of two (few shapes to compile and capture)."""
-        return min(self._cache.slots, _pow2_at_least(last_slot + 1))
+            shapes = len(_widths(slots)) * len(attention_spans(capacity))
+            if (inductor.triton.cudagraph_dynamic_shape_warn_limit or shapes) < shapes:
+                inductor.triton.cudagraph_dynamic_shape_warn_limit = shapes
+
+    def _decode_rows(self, last_slot: int, positions: int) -> torch.Tensor:
+        """The decode step over slots 0..last_slot, whose longest row holds `positions` once its new token is in:
+        widths in powers of two and prefixes in `attention_spans` (few shapes to compile and capture)."""
+        c = self._cache
+        return self._decode(min(c.slots, _pow2_at_least(last_slot + 1)), attention_span(positions, c.capacity))
 
     def compiles(self, device: torch.device) -> bool:
         """Whether the static decode step runs compiled on `device` (by default: on CUDA, unless the LLM is
@@ -654,24 +696,26 @@ class GenerationEngine:
             self.compile = device.type == "cuda" and not self._quantized
         return self.compile
 
-    def _decode(self, width: int) -> torch.Tensor:
+    def _decode(self, width: int, span: int) -> torch.Tensor:
         if self._compiled is None:
-            return self._decode_step(width)
+            return self._decode_step(width, span)
         try:
             torch.compiler.cudagraph_mark_step_begin()
-            return self._compiled(width).clone()  # the graph's output buffer is reused by the next replay
+            return self._compiled(width, span).clone()  # the graph's output buffer is reused by the next replay
         except torch._dynamo.exc.TorchDynamoException:  # raised before the step ran: costs speed, not requests
             log.warning("compiling the decode step failed; decoding eagerly from now on", exc_info=True)
             self._compiled, self.compile = None, False
-            return self._decode_step(width)
+            return self._decode_step(width, span)
 
-    def _decode_step(self, width: int) -> torch.Tensor:
-        """One token for the first `width` slots (inactive ones compute and are ignored): fixed shapes,
-        no host sync, the slots' lengths advanced in place. Returns logits (width, V)."""
+    def _decode_step(self, width: int, span: int) -> torch.Tensor:
+        """One token for the first `width` slots (inactive ones compute and are ignored), attending over
+        the first `span` cache positions: fixed shapes, no host sync, the slots' lengths advanced in
+        place. Returns logits (width, V)."""
         c = self._cache
+        c.span = span
         positions = c.lengths[:width]
-        visible = torch.arange(c.capacity, device=positions.device) <= positions[:, None]  # (W, T): prefix + new token
-        mask = visible[:, None, None, :]  # (W, 1, 1, T); a 4-D mask goes to the attention as it is
+        visible = torch.arange(span, device=positions.device) <= positions[:, None]  # (W, S): prefix + new token
+        mask = visible[:, None, None, :]  # (W, 1, 1, S); a 4-D mask goes to the attention as it is
         if self._additive_mask:  # eager attention adds its mask to the scores
             mask = torch.zeros(mask.shape, dtype=c.keys[0].dtype, device=mask.device).masked_fill(
                 ~mask, torch.finfo(c.keys[0].dtype).min)

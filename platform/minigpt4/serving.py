@@ -78,7 +78,7 @@ class ServeSettings:
     warmup_tokens: int = 512
     """Before it takes requests, a replica allocates the KV cache for max_batch_size rows of this many
     positions (prompt + generated tokens) and compiles the decode step (CUDA graphs) at every batch
-    width, so no request waits for a compile; a longer request grows the cache once. 0: no warm-up.
+    width and cache prefix, so no request waits for a compile; a longer request grows the cache once. 0: no warm-up.
     The cache takes max_batch_size x warmup_tokens x (2 x layers x hidden x 2 bytes): 8 GiB at the
     defaults for a 7B LLM in bf16/fp16."""
     batch_wait_ms: float = 5.0
@@ -352,9 +352,9 @@ class Batcher:
             raise RuntimeError(f"the KV cache for max_batch_size={self.engine.max_slots} rows of warmup_tokens="
                                f"{tokens} positions does not fit beside the model; lower max_batch_size or "
                                f"warmup_tokens (0: no warm-up): {e}") from None
-        log.info("warm-up: KV cache %.2f GiB (%d slots x %d positions), decode step %s for widths %s in %.1fs",
-                 info["cache_gib"], info["slots"], info["capacity"], "compiled" if info["compiled"] else "run",
-                 info["widths"], info["seconds"])
+        log.info("warm-up: KV cache %.2f GiB (%d slots x %d positions), decode step %s for widths %s x prefixes "
+                 "%s in %.1fs", info["cache_gib"], info["slots"], info["capacity"],
+                 "compiled" if info["compiled"] else "run", info["widths"], info["spans"], info["seconds"])
         return info
 
     def submit(self, job: _Job) -> None:
