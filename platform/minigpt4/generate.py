@@ -18,7 +18,7 @@ Two decode paths, with the same tokens:
   holds every row (`attention_span`), not the whole capacity: a batch of short captions in a cache
   sized for long ones reads the KV bytes of its own lengths. A finished sample frees its slot, and `add()`
   + `step()` let new prompts join a running batch between steps (continuous batching, serving.py).
-  `warmup()` allocates the cache and compiles/captures the step at every batch width up front (a
+  `warmup()` allocates the cache and compiles/captures the step at every batch width and prefix up front (a
   serving replica does it before it takes requests).
 - simple (`static=False`): a transformers DynamicCache grown with torch.cat every token, rows
   removed as they finish; the baseline of bench/caption.py, and the path beam search always takes.
