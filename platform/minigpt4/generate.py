@@ -71,6 +71,24 @@ def attention_span(positions: int, capacity: int) -> int:
 COMPILE_OPTIONS = dict(mode="reduce-overhead", fullgraph=True)
 """torch.compile options of the static decode step: Inductor kernels replayed as CUDA graphs."""
 
+DYNAMIC_SOURCES = "L['decode_width'],L['decode_span']"
+"""The decode step's int arguments, dynamic from its first compile (`torch.compiler.config.dynamic_sources`)."""
+
+
+def _compiler_settings(shapes: int) -> None:
+    """Process-wide torch.compile settings the decode step needs, added to the process's own: its width
+    and prefix are dynamic from the first compile, so two compiles (width 1, then every other width and
+    prefix; each a long compile at 7B) cover every shape, not one more per int that turns out to vary; and
+    Inductor's warning past 8 CUDA graphs of a function stays quiet up to the step's `shapes`, one graph
+    each by design."""
+    import torch._inductor.config as inductor
+
+    config = torch.compiler.config
+    if DYNAMIC_SOURCES not in config.dynamic_sources:
+        config.dynamic_sources = ",".join(filter(None, [config.dynamic_sources, DYNAMIC_SOURCES]))
+    if (inductor.triton.cudagraph_dynamic_shape_warn_limit or shapes) < shapes:
+        inductor.triton.cudagraph_dynamic_shape_warn_limit = shapes
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -174,7 +192,7 @@ def _hold_back(text: str, stops: Sequence[str]) -> int:
 class SlotCache:
     """The static engine's KV cache and slot table, allocated once and reused across calls.
 
-    Per layer, keys and values of shape (slots, kv_heads, capacity, head_dim). Slot s holds one
+    Per layer, keys and values of shape (slots, kv_heads, capacity + 1 spare, head_dim). Slot s holds one
     sequence at cache indices 0..lengths[s]-1, so a cache index is the token's position id whatever
     the padding of the prefill it came from. The per-slot state the decode step reads and advances
     sits beside it on the device at fixed addresses, so the step can be replayed as a CUDA graph:
@@ -186,7 +204,9 @@ class SlotCache:
 
     def __init__(self, layers: int, slots: int, kv_heads: int, capacity: int, head_dim: int, vocab: int,
                  dtype: torch.dtype, device: torch.device):
-        shape = (slots, kv_heads, capacity, head_dim)
+        # one spare position: no prefix view is then the whole (contiguous) tensor, a case Dynamo would
+        # compile apart from the others
+        shape = (slots, kv_heads, capacity + 1, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.lengths = torch.zeros(slots, dtype=torch.long, device=device)
@@ -201,7 +221,7 @@ class SlotCache:
 
     @property
     def capacity(self) -> int:
-        return self.keys[0].shape[2]
+        return self.keys[0].shape[2] - 1
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.keys, *self.values, self.lengths, self.active, self.next_tokens, self.seen]
@@ -676,12 +696,7 @@ class GenerationEngine:
             for t in self._cache.tensors():  # mutated inside the CUDA graph: keep their addresses
                 torch._dynamo.mark_static_address(t)
             self._compiled = self._compiled or torch.compile(self._decode_step, **COMPILE_OPTIONS)
-            # one CUDA graph per (width, prefix), by design: Inductor warns past 8 graphs of a function
-            import torch._inductor.config as inductor
-
-            shapes = len(_widths(slots)) * len(attention_spans(capacity))
-            if (inductor.triton.cudagraph_dynamic_shape_warn_limit or shapes) < shapes:
-                inductor.triton.cudagraph_dynamic_shape_warn_limit = shapes
+            _compiler_settings(len(_widths(slots)) * len(attention_spans(capacity)))
 
     def _decode_rows(self, last_slot: int, positions: int) -> torch.Tensor:
         """The decode step over slots 0..last_slot, whose longest row holds `positions` once its new token is in:
@@ -707,11 +722,11 @@ class GenerationEngine:
             self._compiled, self.compile = None, False
             return self._decode_step(width, span)
 
-    def _decode_step(self, width: int, span: int) -> torch.Tensor:
-        """One token for the first `width` slots (inactive ones compute and are ignored), attending over
-        the first `span` cache positions: fixed shapes, no host sync, the slots' lengths advanced in
-        place. Returns logits (width, V)."""
-        c = self._cache
+    def _decode_step(self, decode_width: int, decode_span: int) -> torch.Tensor:
+        """One token for the first `decode_width` slots (inactive ones compute and are ignored), attending
+        over the first `decode_span` cache positions: fixed shapes, no host sync, the slots' lengths
+        advanced in place. Returns logits (width, V). (Distinct names: `DYNAMIC_SOURCES` picks them out.)"""
+        c, width, span = self._cache, decode_width, decode_span
         c.span = span
         positions = c.lengths[:width]
         visible = torch.arange(span, device=positions.device) <= positions[:, None]  # (W, S): prefix + new token
