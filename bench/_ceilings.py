@@ -25,8 +25,9 @@ def si(value: float, unit: str) -> str:
 def measure_rates(device, dtype=None) -> dict:
     """{"bandwidth": bytes/s of a device-to-device copy (read + write counted), "flops": FLOP/s of a square
     matmul in `dtype` (default: bf16 on a GPU, as the benches run there; fp32 on CPU), "how": the words}.
-    A second or less: 1 GiB buffers and 8192-wide matmuls on a GPU, 64 MiB and 1024-wide on CPU. These are the attainable rates the ceilings use (an H100 SXM copies at
-    about 3 of its 3.35 TB/s spec and multiplies bf16 at about 700-800 of its 989 TFLOP/s)."""
+    A second or less: 1 GiB buffers and 8192-wide matmuls on a GPU, 64 MiB and 1024-wide on CPU. These are
+    the attainable rates the ceilings use (an H100 SXM copies at about 3 of its 3.35 TB/s spec and
+    multiplies bf16 at about 700-800 of its 989 TFLOP/s)."""
     import torch
 
     cuda = device.type == "cuda"

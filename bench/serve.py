@@ -223,12 +223,12 @@ def main(argv=None) -> int:
     rates = measure_rates(device)
     print(f"[bench] {rates['how']}", flush=True)
     replica: dict = {}  # the replica's warm-up (/healthz), once it is up
-    meta_llm, tok = build_model(cfg, device="meta").llm, load_tokenizer(tokenizer)
+    meta_llm, tok, prompt = build_model(cfg, device="meta").llm, load_tokenizer(tokenizer), chat_prompt(cfg)[0]
 
     def save(warmup: dict | None = None):  # after every row: a run stopped by its timeout leaves the rows it finished
         replica.update(warmup or {})
         # the replica's cache (ServeSettings.warmup_tokens sizes it) sets the prefixes its decode attends over
-        figures = decode_figures(meta_llm, tok, cfg, chat_prompt(cfg)[0], args.new_tokens, replica.get("capacity"))
+        figures = decode_figures(meta_llm, tok, cfg, prompt, args.new_tokens, replica.get("capacity"))
         limits = ceilings(figures, rates, sorted({1, 32, *args.streams}))
         lines = [f"Serving, preset `{args.preset}`, {args.new_tokens} new tokens/request, {name}", "",
                  "| path | aggregate tok/s | per-stream tok/s | median TTFT (s) |", "|---|---:|---:|---:|"]

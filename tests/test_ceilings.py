@@ -103,7 +103,8 @@ def test_decode_figures_count_the_positions_the_engine_gets(tiny_model, tiny_tok
 def test_verdicts_and_section():
     rate = Target("x >= 100 tok/s", 100, "tok/s", 120.0, "ours", baseline=("HF", 60.0), ceiling=240.0,
                   arithmetic="batch 1: weights at the copy rate")
-    slow = Target("y >= 100 tok/s", 100, "tok/s", 80.0, "ours", ceiling=240.0, arithmetic="batch 1: weights at the copy rate")
+    slow = Target("y >= 100 tok/s", 100, "tok/s", 80.0, "ours", ceiling=240.0,
+                  arithmetic="batch 1: weights at the copy rate")
     limit = Target("z <= 10 GB", 10, "GB", 11.5, "ours", at_most=True, ceiling=9.0, arithmetic="weights + KV")
     absent = Target("w >= 1", 1, "tok/s", None, "theirs", missing="no GPU")
     assert [t.verdict(True) for t in (rate, slow, limit, absent)] == [

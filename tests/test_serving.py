@@ -226,7 +226,8 @@ def test_warmup_setting(tiny_model, tiny_tokenizer, monkeypatch):
         ServeSettings(warmup_tokens=-1)
     assert Batcher(tiny_model, tiny_tokenizer, max_rows=4, wait_s=0).warmup is None
     warm = Batcher(tiny_model, tiny_tokenizer, max_rows=4, wait_s=0, warmup_tokens=100).warmup
-    assert (warm["slots"], warm["capacity"], warm["widths"], warm["spans"]) == (4, 128, [1, 2, 4], [64, 128])  # 100: 128
+    # 100 positions: a capacity of 128, in steps of 64
+    assert (warm["slots"], warm["capacity"], warm["widths"], warm["spans"]) == (4, 128, [1, 2, 4], [64, 128])
 
     def oom(self, **kw):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")

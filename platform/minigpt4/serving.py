@@ -78,9 +78,9 @@ class ServeSettings:
     warmup_tokens: int = 512
     """Before it takes requests, a replica allocates the KV cache for max_batch_size rows of this many
     positions (prompt + generated tokens) and compiles the decode step (CUDA graphs) at every batch
-    width and cache prefix, so no request waits for a compile; a longer request grows the cache once. 0: no warm-up.
-    The cache takes max_batch_size x warmup_tokens x (2 x layers x hidden x 2 bytes): 8 GiB at the
-    defaults for a 7B LLM in bf16/fp16."""
+    width and cache prefix, so no request waits for a compile; a longer request grows the cache once.
+    0: no warm-up. The cache takes max_batch_size x warmup_tokens x (2 x layers x hidden x 2 bytes):
+    8 GiB at the defaults for a 7B LLM in bf16/fp16."""
     batch_wait_ms: float = 5.0
     """How long a request reaching an idle replica waits for others to share its prefill."""
     max_queue: int = 64
