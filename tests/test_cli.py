@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -61,6 +62,25 @@ def test_missing_image_and_weights_are_one_line_errors(image_path, tmp_path, cap
                  str(tmp_path / "pretrained_minigpt4_7b.pth")]) == 2
     err = capsys.readouterr().err
     assert "pretrained_minigpt4_7b.pth" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_every_job_script_runs_as_a_script():
+    """Each jobs/*.py as `python jobs/X.py --help` runs it (the command `ray job submit` is given): run as
+    __main__, its imports and argument parser work. One interpreter runs them all (runpy), not one each."""
+    root = Path(__file__).resolve().parents[1]
+    code = ("import contextlib, glob, io, runpy, sys\n"
+            "for path in sorted(glob.glob('jobs/*.py')):\n"
+            "    sys.argv, out = [path, '--help'], io.StringIO()\n"
+            "    try:\n"
+            "        with contextlib.redirect_stdout(out):\n"
+            "            runpy.run_path(path, run_name='__main__')\n"
+            "    except SystemExit as e:\n"
+            "        print(path, e.code, out.getvalue().split()[:2])\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    scripts = sorted(p.name for p in (root / "jobs").glob("*.py"))
+    assert len(scripts) >= 8 and r.stdout.splitlines() == [
+        f"jobs/{name} 0 ['usage:', '{name}']" for name in scripts], r.stdout + r.stderr[-2000:]
 
 
 def test_demo_runs_end_to_end(tmp_path):
