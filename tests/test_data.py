@@ -418,19 +418,19 @@ def test_throughput_bench_runs_and_writes_its_table(tmp_path):
 def test_tokenizer_from_an_s3_llm_directory_fetches_only_tokenizer_files(s3_bucket, tiny_tokenizer):
     from pathlib import Path
 
-    from minigpt4.data.process import tokenizer_at
+    from minigpt4.data.process import _tokenizer
     from minigpt4.tokenizer import load_tokenizer
 
     src = Path(load_tokenizer().name_or_path)
     for f in src.iterdir():
         put(f"s3://{s3_bucket}/llm/{f.name}", f.read_bytes())
     put(f"s3://{s3_bucket}/llm/model-00001-of-00002.safetensors", b"big weights stay in S3")
-    tok = tokenizer_at(f"s3://{s3_bucket}/llm/")
+    tok = _tokenizer(f"s3://{s3_bucket}/llm/")
     assert tok("a red circle").input_ids == tiny_tokenizer("a red circle").input_ids
     cached = Path(tok.name_or_path)
     assert not (cached / "model-00001-of-00002.safetensors").exists()
     with pytest.raises(FileNotFoundError, match="no tokenizer files"):
-        tokenizer_at(f"s3://{s3_bucket}/nothing-here/")
+        _tokenizer(f"s3://{s3_bucket}/nothing-here/")
 
 
 def test_local_image_directory_keys_are_relative_with_or_without_slash(tmp_path):

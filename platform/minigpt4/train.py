@@ -1,9 +1,8 @@
 """Both training stages on Ray Train + DeepSpeed, reading the Ray Data pipeline.
 
     driver: run(job)  ->  TorchTrainer(train_loop, datasets={source: ds}, FailureConfig, CheckpointConfig)
-    worker: Mixture over the sources' shards, its first batch fetched on a thread while the model is
-            built (same seed on every rank) and deepspeed.initialize'd (only trainable params in the
-            optimizer) -> steps -> ray.train.report
+    worker: build the model (same seed on every rank) -> deepspeed.initialize(only trainable params
+            in the optimizer) -> Mixture over the sources' shards -> steps -> ray.train.report
 
 Precision: `bf16` / `fp32` run the frozen parts under autocast with fp32 master weights for what
 trains (MiniGPT-4's own AMP setup; DeepSpeed gets an fp32 config, so it neither casts the module nor
@@ -26,14 +25,12 @@ checkpoint are read again.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import math
 import os
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,7 +296,6 @@ def train_loop(config: dict) -> None:
 
     from .config import from_dict
     from .data.pipeline import Mixture, PositionTracker, TrainingCollator
-    from .data.process import tokenizer_at
     from .weights import load_pretrained
 
     job = from_dict(JobConfig, config["job"])
@@ -319,73 +315,65 @@ def train_loop(config: dict) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     cfg = job.model_config()
+    torch.manual_seed(t.seed)  # the same random init on every rank
+    # every source brings the frozen encoder's output (features): its weights are neither read nor kept
+    features_only = all(s.format == "features" for s in job.data.sources)
+    weights = dataclasses.replace(job.weights, eva_vit=None, blip2=None, hf_blip2=None) if features_only \
+        else job.weights
+    model, tokenizer, _ = load_pretrained(cfg, weights, device=device)
+    if features_only:
+        freed = model.drop_encoder()
+        if rank == 0:
+            _say(f"[train] every source holds cached features: the ViT and Q-Former are not loaded "
+                 f"({freed:,} parameters)", progress)
+    model.set_trainable()
+    model.train()
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=lr_at(0, t), betas=tuple(t.betas))
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(t),
+                                                   dist_init_required=False)
+    step, history, positions = 0, [], {}
     ckpt = ray.train.get_checkpoint()
-    with ckpt.as_directory() if ckpt else contextlib.nullcontext() as ckpt_dir:
-        # the data first: a cold Ray Data pipeline takes seconds to deliver its first batch, which a thread
-        # fetches while the model is built (a real LLM takes longer to load than that)
-        state = json.loads(Path(ckpt_dir, "state.json").read_text()) if ckpt_dir else {}
-        step, history, positions = state.get("step", 0), state.get("history", []), state.get("data_position", {})
-        if ckpt_dir and rank == 0:
+    if ckpt:
+        with ckpt.as_directory() as d:
+            state = load_checkpoint(d, engine, model, rank, world, t.zero_stage)
+        step, history, positions = state["step"], state.get("history", []), state.get("data_position", {})
+        if rank == 0:
             where = ", ".join(f"{n} at epoch {p['low'][0]} unit {p['low'][1]}" for n, p in sorted(positions.items()))
             _say(f"[train] resumed from step {step} (lr {lr_at(step, t):.3e}); data continues: "
                  f"{where or 'from the start'}", progress)
-        trackers = {name: PositionTracker(positions.get(name)) for name in job.data.ratios}
-        board = config.get("board")
-        buckets = t.length_buckets
-        # the pad id of the tokenizer the data was encoded with (only its files are fetched, not the LLM)
-        collate = TrainingCollator(tokenizer_at(config["tokenizer"]).pad_token_id,
-                                   batch_size=t.batch_size if buckets > 1 else None, seed=t.seed * 1000 + rank + step)
-
-        def open_stream(name: str, epoch: int):
-            """One epoch of a source (a Ray Data execution). Rank 0 first posts where it starts: the
-            checkpoint's position when resuming inside this epoch, else the epoch's first unit. The
-            listing reads it once every rank has asked for the stream (streaming_split's barrier)."""
-            if board is not None and rank == 0:
-                tr = trackers[name]
-                ray.get(board.set.remote(name, tr.position() if tr.low[0] == epoch
-                                         else {"low": [epoch, 0], "done": []}))
-            batches = ray.train.get_dataset_shard(name).iter_torch_batches(
-                batch_size=t.batch_size * buckets, collate_fn=collate, drop_last=buckets == 1,
-                local_shuffle_buffer_size=t.shuffle_buffer or None,
-                local_shuffle_seed=t.seed * 1000 + step + epoch if t.shuffle_buffer else None)
-            # bucketing: each read of `buckets` batches comes back cut into full batches (the collator)
-            return batches if buckets == 1 else (part for read in batches for part in read["parts"])
-
-        def next_batch():
-            while True:
-                name, batch = next(mixture)
-                if "units" in batch:
-                    trackers[name].consume(batch["units"])
-                if not batch.get("empty"):
-                    return batch
-
-        mixture = Mixture(open_stream, job.data.ratios, seed=t.seed * 1000 + step,
-                          epochs={name: tr.low[0] for name, tr in trackers.items()},
-                          on_epoch_end=lambda name, epoch: trackers[name].end_epoch(epoch),
-                          epochs_per_stream=job.data.epochs_per_pass)
-        first = FirstBatch(next_batch) if step < t.total_steps else None
-        t_build = time.perf_counter()
-
-        torch.manual_seed(t.seed)  # the same random init on every rank
-        # every source brings the frozen encoder's output (features): its weights are neither read nor kept
-        features_only = all(s.format == "features" for s in job.data.sources)
-        weights = dataclasses.replace(job.weights, eva_vit=None, blip2=None, hf_blip2=None) if features_only \
-            else job.weights
-        model, _, _ = load_pretrained(cfg, weights, device=device)
-        if features_only:
-            freed = model.drop_encoder()
-            if rank == 0:
-                _say(f"[train] every source holds cached features: the ViT and Q-Former are not loaded "
-                     f"({freed:,} parameters)", progress)
-        model.set_trainable()
-        model.train()
-        optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=lr_at(0, t), betas=tuple(t.betas))
-        engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                       config=deepspeed_config(t), dist_init_required=False)
-        if ckpt_dir:
-            load_checkpoint(ckpt_dir, engine, model, rank, world, t.zero_stage)
-        built = time.perf_counter() - t_build
     torch.manual_seed(t.seed * 1000 + rank + step)
+    trackers = {name: PositionTracker(positions.get(name)) for name in job.data.ratios}
+    board = config.get("board")
+    buckets = t.length_buckets
+    collate = TrainingCollator(tokenizer.pad_token_id, batch_size=t.batch_size if buckets > 1 else None,
+                               seed=t.seed * 1000 + rank + step)
+
+    def open_stream(name: str, epoch: int):
+        """One epoch of a source (a Ray Data execution). Rank 0 first posts where it starts: the
+        checkpoint's position when resuming inside this epoch, else the epoch's first unit. The
+        listing reads it once every rank has asked for the stream (streaming_split's barrier)."""
+        if board is not None and rank == 0:
+            tr = trackers[name]
+            ray.get(board.set.remote(name, tr.position() if tr.low[0] == epoch else {"low": [epoch, 0], "done": []}))
+        batches = ray.train.get_dataset_shard(name).iter_torch_batches(
+            batch_size=t.batch_size * buckets, collate_fn=collate, drop_last=buckets == 1,
+            local_shuffle_buffer_size=t.shuffle_buffer or None,
+            local_shuffle_seed=t.seed * 1000 + step + epoch if t.shuffle_buffer else None)
+        # bucketing: each read of `buckets` batches comes back cut into full batches (the collator)
+        return batches if buckets == 1 else (part for read in batches for part in read["parts"])
+
+    def next_batch():
+        while True:
+            name, batch = next(mixture)
+            if "units" in batch:
+                trackers[name].consume(batch["units"])
+            if not batch.get("empty"):
+                return batch
+
+    mixture = Mixture(open_stream, job.data.ratios, seed=t.seed * 1000 + step,
+                      epochs={name: tr.low[0] for name, tr in trackers.items()},
+                      on_epoch_end=lambda name, epoch: trackers[name].end_epoch(epoch),
+                      epochs_per_stream=job.data.epochs_per_pass)
     peak = peak_flops(device)
     counts = model.parameter_counts()
     window = _new_window()
@@ -402,14 +390,7 @@ def train_loop(config: dict) -> None:
             g["lr"] = lr
         for _ in range(t.grad_accum):
             t_wait = time.perf_counter()
-            if first is None:
-                batch = next_batch()
-            else:
-                batch = first.take()
-                if rank == 0:  # which of the two a slow start waited on
-                    _say(f"[train] model built in {built:.1f} s; first batch in {first.seconds:.1f} s, fetched "
-                         f"meanwhile", progress)
-                first = None
+            batch = next_batch()
             window["wait"] += time.perf_counter() - t_wait
             batch = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
             # a features source's batch brings the frozen encoder's output: the ViT and Q-Former do not run
@@ -467,33 +448,6 @@ def train_loop(config: dict) -> None:
                                 rank, world, t.zero_stage)
                 ray.train.report(history[-1] if history else {"step": step},
                                  checkpoint=ray.train.Checkpoint.from_directory(d))
-
-
-class FirstBatch:
-    """`fetch()` started on a thread now, its result taken later: the first batch of a cold Ray Data
-    pipeline comes while the model is built. `take()` re-raises what the fetch raised; `seconds` is
-    how long the fetch took. A daemon thread: a worker whose setup fails exits without waiting on the
-    stream."""
-
-    def __init__(self, fetch):
-        self._result: dict = {}
-        self.seconds: float | None = None
-        self._thread = threading.Thread(target=self._run, args=(fetch,), name="minigpt4-first-batch", daemon=True)
-        self._thread.start()
-
-    def _run(self, fetch) -> None:
-        t = time.perf_counter()
-        try:
-            self._result["batch"] = fetch()
-        except BaseException as e:  # noqa: BLE001 - re-raised in take(), on the training thread
-            self._result["error"] = e
-        self.seconds = time.perf_counter() - t
-
-    def take(self):
-        self._thread.join()
-        if "error" in self._result:
-            raise self._result["error"]
-        return self._result["batch"]
 
 
 def _merge_positions(trackers: dict, world: int) -> None:
@@ -576,7 +530,7 @@ def run(job: JobConfig):
     run_dir = f"{t.storage_path.rstrip('/')}/{t.name}"
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"job": to_dict(job), "board": board, "tokenizer": process.tokenizer,
+        train_loop_config={"job": to_dict(job), "board": board,
                            "local_run_dir": None if run_dir.startswith("s3://") else run_dir},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),

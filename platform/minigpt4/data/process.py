@@ -97,7 +97,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 
 
 @functools.lru_cache(maxsize=4)
-def tokenizer_at(path: str | None):
+def _tokenizer(path: str | None):
     """The tokenizer at a local directory or an s3:// prefix (an LLM directory is fine: only the
     tokenizer files are fetched, not the weights)."""
     from ..tokenizer import load_tokenizer
@@ -125,7 +125,7 @@ class Processor:
 
     def __init__(self, cfg: ProcessConfig):
         self.cfg = cfg = cfg.resolved()
-        self.tokenizer = tokenizer_at(cfg.tokenizer) if cfg.task != "caption" else None
+        self.tokenizer = _tokenizer(cfg.tokenizer) if cfg.task != "caption" else None
 
     def __call__(self, raw: RawSample, epoch: int = 0) -> dict:
         cfg = self.cfg
