@@ -73,6 +73,14 @@ def gpu_sh(call: str, out, *args: str, timeout: int = 300, **bench_env: str):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def cli_error(capsys, code: int) -> str:
+    """What a CLI's main() returned and printed for bad input, called in-process: exit code 2 and one
+    line on stderr (no traceback); returns that stderr."""
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, (code, err[-2000:])
+    return err
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from minigpt4.tokenizer import load_tokenizer

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import cli_error
 
 from minigpt4.__main__ import main
 from minigpt4.synthetic import Scene, Shape, render
@@ -55,13 +56,9 @@ def test_caption_skips_bad_images_and_reports_them(image_path, tmp_path, capsys)
 
 
 def test_missing_image_and_weights_are_one_line_errors(image_path, tmp_path, capsys):
-    assert main(["chat", "--image", str(tmp_path / "nope.jpg"), "--ask", "hi"]) == 2
-    err = capsys.readouterr().err
-    assert "image not found" in err and len(err.strip().splitlines()) == 1, err
-    assert main(["chat", "--image", str(image_path), "--ask", "hi", "--weights",
-                 str(tmp_path / "pretrained_minigpt4_7b.pth")]) == 2
-    err = capsys.readouterr().err
-    assert "pretrained_minigpt4_7b.pth" in err and len(err.strip().splitlines()) == 1, err
+    assert "image not found" in cli_error(capsys, main(["chat", "--image", str(tmp_path / "nope.jpg"), "--ask", "hi"]))
+    assert "pretrained_minigpt4_7b.pth" in cli_error(capsys, main(
+        ["chat", "--image", str(image_path), "--ask", "hi", "--weights", str(tmp_path / "pretrained_minigpt4_7b.pth")]))
 
 
 def test_every_job_script_runs_as_a_script():
